@@ -1,0 +1,126 @@
+//! A Tower layer that handles a client's messages one at a time, in arrival order,
+//! without blocking the runtime.
+//!
+//! This is TornadIO2's `sync_engine` decorator as a [`tower`](https://docs.rs/tower)
+//! middleware. A *policy* looks at each request and says either
+//! [`Mode::Sync(key)`](Mode::Sync), to run it after every earlier request with the same
+//! key, or [`Mode::Concurrent`], to pass it straight through. The key is the
+//! application's choice: a connection id serializes a whole `on_event` dispatcher, a
+//! `(connection, event)` pair serializes one handler, a document id orders edits from
+//! every connection.
+//!
+//! # The scenario
+//!
+//! A client quickly sends two messages. The first takes a long time to handle, the
+//! second is fast. In `Sync` mode the second is handled after the first, so the
+//! responses come in the order sent; in `Concurrent` mode the second overtakes it.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
+//! use tower_sync_engine::{Mode, SyncEngineLayer};
+//!
+//! struct Message { connection: u64, seq: u32, work: Duration }
+//!
+//! /// Sends a slow message and then a fast one; returns the order their handling finished.
+//! async fn finish_order(sync: bool) -> Vec<u32> {
+//!     let handler = service_fn(|msg: Message| async move {
+//!         tokio::time::sleep(msg.work).await;
+//!         Ok::<_, BoxError>(msg.seq)
+//!     });
+//!     let layer = SyncEngineLayer::new(move |msg: &Message| {
+//!         if sync { Mode::Sync(msg.connection) } else { Mode::Concurrent }
+//!     });
+//!     let mut service = layer.layer(handler);
+//!
+//!     let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
+//!     for (seq, millis) in [(1, 300), (2, 10)] {
+//!         let message = Message { connection: 7, seq, work: Duration::from_millis(millis) };
+//!         // `call` takes the message's place in line before it returns.
+//!         let response = service.ready().await.unwrap().call(message);
+//!         let done = done.clone();
+//!         tokio::spawn(async move { done.send(response.await.unwrap()).unwrap() });
+//!     }
+//!     drop(done);
+//!     let mut order = Vec::new();
+//!     while let Some(seq) = finished.recv().await {
+//!         order.push(seq);
+//!     }
+//!     order
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! assert_eq!(finish_order(true).await, [1, 2]);
+//! assert_eq!(finish_order(false).await, [2, 1]);
+//! # }
+//! ```
+//!
+//! # Guarantees
+//!
+//! For one ordering domain (one [`SyncEngineLayer`] value, every service it builds and
+//! every clone of those):
+//!
+//! 1. **Order is fixed in `call()`.** If `call(a)` returns before `call(b)` begins and
+//!    both are `Mode::Sync(k)`, the inner service is called with `a` before `b`, and with
+//!    one permit per key (the default) only after `a`'s response future has completed or
+//!    been dropped. With [`permits_per_key(n)`](SyncEngineLayer::permits_per_key), at
+//!    most `n` requests of a key are between their inner call and their completion at
+//!    once, and they are called in call order. This holds however the response futures
+//!    are polled: spawned in reverse order, polled late, or polled on other threads.
+//! 2. **`Mode::Concurrent` requests are never delayed** by any key's queue, take no lock
+//!    and allocate nothing of their own.
+//! 3. **Cancellation is safe.** Dropping a response future at any point (queued, given
+//!    the key but not yet polled again, running) passes the key to the next request
+//!    and frees the dropped request's place at once. A panic in the inner service, or a
+//!    timeout around this layer, is such a drop.
+//! 4. **Idle keys cost nothing.** A key's state exists only while a request holds or
+//!    waits for it; the registry's tables shrink back after bursts.
+//! 5. **Bounded on request.** With [`max_queue_per_key`](SyncEngineLayer::max_queue_per_key)
+//!    and [`max_keys`](SyncEngineLayer::max_keys), a request over the limit is rejected
+//!    at once with [`error::Overloaded`]; it waits for nothing and leaves nothing behind.
+//!
+//! # What is not guaranteed
+//!
+//! - **A handler that waits for its own key deadlocks.** A handler for key `k` that calls
+//!   the same domain with `Mode::Sync(k)` and awaits the response waits for itself.
+//! - **A response future that is never polled holds its place.** The key passes on when
+//!   the future completes or is dropped; a future that is kept but never polled again
+//!   blocks the requests behind it. Spawn the futures, or put a timeout around them.
+//! - **Order between different keys**, and between `Sync` and `Concurrent` requests, is
+//!   whatever the runtime makes of it.
+//! - **Order across processes.** One layer orders one process's requests; see the
+//!   README for routing by key when you run several.
+//!
+//! # Readiness and errors
+//!
+//! [`SyncEngine`] is always ready; each response future polls its own handle on the
+//! inner service for readiness after its turn has come (see [`service`](SyncEngine)'s
+//! module docs). The inner service must therefore be `Clone`. Errors are boxed into
+//! [`BoxError`](error::BoxError), as with tower's other fallible middleware; this
+//! crate's own error is [`error::Overloaded`].
+//!
+//! # Composition
+//!
+//! - A `Timeout` **outside** this layer covers the time spent waiting for the key as
+//!   well as the handler; when it fires, the request leaves the queue.
+//! - A `Timeout` **inside** covers the handler only; when it fires, the key passes on.
+//! - A tracing or metrics layer outside sees the wait as part of the latency.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+pub mod error;
+mod future;
+mod layer;
+mod mode;
+mod registry;
+mod service;
+mod stats;
+mod sync;
+
+pub use self::future::ResponseFuture;
+pub use self::layer::SyncEngineLayer;
+pub use self::mode::Mode;
+pub use self::service::SyncEngine;
+pub use self::stats::Stats;

@@ -1,0 +1,292 @@
+//! The keyed registry: who holds each key, and who waits for it, in call order.
+//!
+//! # Algorithm
+//!
+//! Every `Mode::Sync(key)` request takes a [`Claim`] on its key inside `call()`,
+//! synchronously, before any future is polled. That is what fixes the order: a claim's
+//! place in its key's line is decided by the time `call()` returns, and nothing the
+//! executor does later (polling in reverse, polling late, polling on another thread) can
+//! change it. An async primitive such as `tokio::sync::Semaphore` enqueues a waiter on
+//! its first poll instead, which is why none is used here.
+//!
+//! Keys are spread over a fixed number of shards by their hash; each shard is a
+//! `Mutex` around a hash table of live keys and a slab of waiter nodes. The hash is
+//! computed once, outside the lock, and kept by the claim, so a finishing request finds
+//! its key again without hashing or comparing keys. Different keys in different shards
+//! never contend.
+//!
+//! Per key the shard keeps:
+//!
+//! - `holders`: claims holding one of the key's `permits` (whether started or not);
+//! - the *line*: claims that have not called the inner service yet, in call order, as a
+//!   doubly linked list threaded through the shard's slab, so a dropped waiter leaves in
+//!   O(1). A prefix of the line has been granted a permit; the rest waits for one;
+//! - `head_unstarted`: one claim holds a permit, comes before the whole line, and has not
+//!   called the inner service yet.
+//!
+//! A claim may call the inner service only when it is *the head*: it holds a permit and
+//! every earlier claim on its key has started or gone. When the key is free and nobody is
+//! in line, `call()` makes the new claim the head at once and no waiter node is
+//! allocated: the uncontended path is one lookup and one lock on each side.
+//!
+//! Hand-off: whenever a permit is freed (a claim finished or was dropped) it is granted
+//! to the first waiter without one, and whenever the head starts or leaves, the next
+//! granted waiter, if any, is woken. A woken waiter becomes the head on its next poll.
+//!
+//! # Invariants
+//!
+//! These hold whenever a shard's lock is free:
+//!
+//! 1. `holders <= permits`.
+//! 2. The granted waiters are a prefix of the line, and `next_grant` is the first waiter
+//!    without a permit. If anyone waits for a permit, `holders == permits`.
+//! 3. At most one claim is the unstarted head; while there is one, no waiter may start.
+//!    Together with 2 this makes the order in which the inner service is called the
+//!    order of `call()`.
+//! 4. A key's entry exists exactly while `holders > 0` or its line is not empty. The
+//!    critical section that makes a key idle removes its entry, so an entry is never
+//!    removed while a request for that key runs or waits. Entries are identified by an
+//!    id that is never reused, so a claim can never act on a later entry of its key.
+//! 5. A claim that is dropped, in any state, gives back what it holds under the lock in
+//!    `Drop`: a queued waiter leaves the line, and a permit (granted while waiting, held
+//!    but never used, or held by a running request) goes to the next waiter. No path
+//!    releases after an `.await`, so cancellation and panics cannot lose a permit.
+//!
+//! With one permit per key, nothing can be granted while the head holds the key, so the
+//! head skips telling the shard that it started and clears its mark when it releases.
+//! That saves a lock per request on the common path.
+
+mod shard;
+
+use std::hash::{BuildHasher, Hash};
+use std::num::NonZeroUsize;
+use std::task::{Context, Poll, Waker};
+
+use self::shard::{Limits, Position, Shard};
+use crate::error::{Limit, Overloaded};
+use crate::stats::Stats;
+use crate::sync::{Arc, AtomicUsize, Mutex, MutexGuard, Ordering};
+
+/// Upper bound on the default shard count.
+const MAX_SHARDS: usize = 256;
+
+/// The settings of one ordering domain.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Config {
+    pub(crate) permits_per_key: usize,
+    pub(crate) max_queue_per_key: Option<usize>,
+    pub(crate) max_keys: Option<usize>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            permits_per_key: 1,
+            max_queue_per_key: None,
+            max_keys: None,
+        }
+    }
+}
+
+/// One ordering domain: the state shared by a layer and every service it builds.
+pub(crate) struct Registry<K, H> {
+    shards: Box<[CachePadded<Mutex<Shard<K>>>]>,
+    hasher: H,
+    config: Config,
+    limits: Limits,
+    /// Live keys across all shards, maintained only when `max_keys` is set, so that an
+    /// unbounded registry shares no counter between shards.
+    live_keys: AtomicUsize,
+}
+
+/// Keeps each shard's lock on its own pair of cache lines; x86 prefetches lines in pairs.
+#[repr(align(128))]
+struct CachePadded<T>(T);
+
+/// A request's place on its key, from `call()` until the request is done.
+///
+/// Dropping it, in any state, gives the place up and lets the next claim in line go.
+pub(crate) struct Claim<K, H> {
+    registry: Arc<Registry<K, H>>,
+    hash: u64,
+    id: u64,
+    state: ClaimState,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum ClaimState {
+    /// In the line at this node.
+    Waiting(u32),
+    /// Holds a permit. `head` while it is still marked as the unstarted head.
+    Holding { head: bool },
+}
+
+impl<K, H> Registry<K, H> {
+    pub(crate) fn new(config: Config, hasher: H) -> Self {
+        let shards = std::thread::available_parallelism()
+            .map_or(1, NonZeroUsize::get)
+            .saturating_mul(4)
+            .next_power_of_two()
+            .min(MAX_SHARDS);
+        let limits = Limits {
+            permits: u32::try_from(config.permits_per_key).unwrap_or(u32::MAX),
+            max_queue: config.max_queue_per_key.unwrap_or(usize::MAX),
+        };
+        Registry {
+            shards: (0..shards)
+                .map(|_| CachePadded(Mutex::new(Shard::default())))
+                .collect(),
+            hasher,
+            config,
+            limits,
+            live_keys: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn config(&self) -> Config {
+        self.config
+    }
+
+    pub(crate) fn hasher(&self) -> &H {
+        &self.hasher
+    }
+
+    /// Sums the shards one at a time; exact whenever no request is being admitted or
+    /// released concurrently.
+    pub(crate) fn stats(&self) -> Stats {
+        self.shards
+            .iter()
+            .fold(Stats::default(), |mut stats, shard| {
+                let (keys, in_flight, queued) = lock(&shard.0).counts();
+                stats.keys += keys;
+                stats.in_flight += in_flight;
+                stats.queued += queued;
+                stats
+            })
+    }
+
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard<K>> {
+        // The low bits pick a bucket inside the shard's table and the top seven are its
+        // tag, so the shard is chosen from bits neither uses.
+        let index = (hash >> 48) as usize & (self.shards.len() - 1);
+        lock(&self.shards[index].0)
+    }
+
+    fn key_removed(&self) {
+        if self.config.max_keys.is_some() {
+            self.live_keys.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<K, H> Registry<K, H>
+where
+    K: Hash + Eq,
+    H: BuildHasher,
+{
+    /// Takes `key`'s next place in call order, or rejects the request if a limit is hit.
+    pub(crate) fn claim(self: &Arc<Self>, key: K) -> Result<Claim<K, H>, Overloaded> {
+        let hash = self.hasher.hash_one(&key);
+        let admit_new_key = || match self.config.max_keys {
+            None => Ok(()),
+            Some(max_keys) => self
+                .live_keys
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |live| {
+                    (live < max_keys).then_some(live + 1)
+                })
+                .map(drop)
+                .map_err(|_| Overloaded::new(Limit::MaxKeys)),
+        };
+        let (id, position) = self
+            .shard(hash)
+            .claim(hash, key, self.limits, admit_new_key)?;
+        let state = match position {
+            Position::Head => ClaimState::Holding { head: true },
+            Position::Waiting(node) => ClaimState::Waiting(node),
+        };
+        Ok(Claim {
+            registry: Arc::clone(self),
+            hash,
+            id,
+            state,
+        })
+    }
+}
+
+impl<K, H> Claim<K, H> {
+    /// Resolves once this claim is the head of its key and may call the inner service.
+    pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let ClaimState::Waiting(node) = self.state {
+            let turn = self
+                .registry
+                .shard(self.hash)
+                .poll_turn(self.hash, self.id, node, cx);
+            if turn.is_pending() {
+                return Poll::Pending;
+            }
+            self.state = ClaimState::Holding { head: true };
+        }
+        Poll::Ready(())
+    }
+
+    /// Records that the inner service has been called, so the next claim may start.
+    pub(crate) fn started(&mut self) {
+        let one_permit = self.registry.limits.permits == 1;
+        if matches!(self.state, ClaimState::Holding { head: true }) && !one_permit {
+            let waker = self.registry.shard(self.hash).start(self.hash, self.id);
+            self.state = ClaimState::Holding { head: false };
+            wake(waker);
+        }
+    }
+}
+
+impl<K, H> Drop for Claim<K, H> {
+    fn drop(&mut self) {
+        let registry = &*self.registry;
+        let mut shard = registry.shard(self.hash);
+        let (waker, removed_key) = match self.state {
+            ClaimState::Waiting(node) => shard.abandon(self.hash, self.id, node, registry.limits),
+            ClaimState::Holding { head } => {
+                shard.release(self.hash, self.id, head, registry.limits)
+            }
+        };
+        if removed_key.is_some() {
+            registry.key_removed();
+        }
+        drop(shard);
+        // User code (the key's and the waker's) runs only after the lock is released.
+        drop(removed_key);
+        wake(waker);
+    }
+}
+
+fn wake(waker: Option<Waker>) {
+    if let Some(waker) = waker {
+        waker.wake();
+    }
+}
+
+/// Locks a shard, ignoring poisoning: the shard's state is consistent whenever user code
+/// can panic under the lock (only `K::eq`, during a lookup that changes nothing).
+fn lock<K>(shard: &Mutex<Shard<K>>) -> MutexGuard<'_, Shard<K>> {
+    shard
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<K, H> std::fmt::Debug for Registry<K, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("shards", &self.shards.len())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, H> std::fmt::Debug for Claim<K, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}

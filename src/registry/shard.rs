@@ -1,0 +1,356 @@
+//! One shard of the registry: the keys that hash to it and their waiting lines.
+//!
+//! Everything here runs under the shard's lock, and none of it blocks or calls user code
+//! other than `K: Eq` (during a lookup) and the `Drop` of values the caller takes back
+//! out of the lock. See the parent module for the algorithm and its invariants.
+
+use std::task::{Context, Poll, Waker};
+
+use hashbrown::HashTable;
+use slab::Slab;
+
+use crate::error::{Limit, Overloaded};
+
+/// The end of a line, or "no waiter".
+const NIL: u32 = u32::MAX;
+
+/// Table capacity a shard keeps when it empties, so that a steady trickle of requests
+/// does not allocate on every call. Small on purpose: idle keys should cost (almost)
+/// nothing.
+const RETAINED_KEYS: usize = 3;
+
+/// Waiter slots a shard keeps when its last waiter leaves, for the same reason.
+const RETAINED_WAITERS: usize = 4;
+
+/// The state of every live key that hashes to this shard.
+pub(super) struct Shard<K> {
+    keys: HashTable<KeyState<K>>,
+    /// Nodes of every line in this shard. A waiter's index is stable for its lifetime,
+    /// which gives O(1) removal when a queued request is dropped.
+    waiters: Slab<Waiter>,
+    /// Identifies a key's entry for the lifetime of that entry. A claim finds its entry
+    /// again by `(hash, id)`, so releasing never compares keys, and a claim can never
+    /// touch a later entry for the same key.
+    next_id: u64,
+    /// Sum of `holders` over this shard's keys.
+    in_flight: usize,
+    /// Sum of `queued` over this shard's keys.
+    queued: usize,
+}
+
+/// One live key.
+struct KeyState<K> {
+    key: K,
+    hash: u64,
+    id: u64,
+    /// Claims holding one of the key's permits, started or not.
+    holders: u32,
+    /// Claims in the line that wait for a permit.
+    queued: u32,
+    /// A claim holds a permit, comes before every claim in the line, and has not called
+    /// the inner service yet. No one in the line may start before it does.
+    head_unstarted: bool,
+    /// The line: claims that have not started, in call order (after the unstarted head).
+    head: u32,
+    tail: u32,
+    /// The first waiter in the line without a permit; every waiter before it has one.
+    next_grant: u32,
+}
+
+/// A claim's node in its key's line.
+struct Waiter {
+    prev: u32,
+    next: u32,
+    /// Holds one of the key's permits. Granted waiters form a prefix of the line.
+    granted: bool,
+    waker: Option<Waker>,
+}
+
+/// The limits a shard enforces when a claim is taken.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Limits {
+    pub(super) permits: u32,
+    pub(super) max_queue: usize,
+}
+
+/// Where a new claim stands after `Shard::claim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Position {
+    /// It holds a permit and every earlier claim on the key has started: it may start now.
+    Head,
+    /// It waits in the line at this node.
+    Waiting(u32),
+}
+
+impl<K> Default for Shard<K> {
+    fn default() -> Self {
+        Shard {
+            keys: HashTable::new(),
+            waiters: Slab::new(),
+            next_id: 0,
+            in_flight: 0,
+            queued: 0,
+        }
+    }
+}
+
+impl<K> Shard<K> {
+    /// Takes a place for `key` in call order, or rejects the request.
+    ///
+    /// `admit_new_key` is asked before a key entry is created, and only then; it enforces
+    /// `max_keys` across all shards.
+    pub(super) fn claim(
+        &mut self,
+        hash: u64,
+        key: K,
+        limits: Limits,
+        admit_new_key: impl FnOnce() -> Result<(), Overloaded>,
+    ) -> Result<(u64, Position), Overloaded>
+    where
+        K: Eq,
+    {
+        let entry = match self.keys.find_mut(hash, |state| state.key == key) {
+            Some(entry) => entry,
+            None => {
+                admit_new_key()?;
+                let id = self.next_id;
+                self.next_id += 1;
+                let state = KeyState::new(key, hash, id);
+                self.keys
+                    .insert_unique(hash, state, |state| state.hash)
+                    .into_mut()
+            }
+        };
+
+        if entry.head == NIL && !entry.head_unstarted && entry.holders < limits.permits {
+            entry.holders += 1;
+            entry.head_unstarted = true;
+            self.in_flight += 1;
+            return Ok((entry.id, Position::Head));
+        }
+
+        let granted = entry.holders < limits.permits;
+        if !granted && entry.queued as usize >= limits.max_queue {
+            // The entry existed before this call (a new one takes the branch above), so
+            // rejecting leaves nothing behind.
+            return Err(Overloaded::new(Limit::MaxQueuePerKey));
+        }
+
+        let node = index(self.waiters.insert(Waiter {
+            prev: entry.tail,
+            next: NIL,
+            granted,
+            waker: None,
+        }));
+        if entry.tail == NIL {
+            entry.head = node;
+        } else {
+            self.waiters[entry.tail as usize].next = node;
+        }
+        entry.tail = node;
+        if granted {
+            // Only granted waiters are in the line (invariant 2), so the prefix stays whole.
+            entry.holders += 1;
+            self.in_flight += 1;
+        } else {
+            entry.queued += 1;
+            self.queued += 1;
+            if entry.next_grant == NIL {
+                entry.next_grant = node;
+            }
+        }
+        Ok((entry.id, Position::Waiting(node)))
+    }
+
+    /// Checks whether the waiter at `node` may start; if so it leaves the line and
+    /// becomes the unstarted head. Otherwise its waker is stored for the hand-off.
+    pub(super) fn poll_turn(
+        &mut self,
+        hash: u64,
+        id: u64,
+        node: u32,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        let entry = find(&mut self.keys, hash, id);
+        let waiter = &mut self.waiters[node as usize];
+        if waiter.granted && entry.head == node && !entry.head_unstarted {
+            entry.unlink(&mut self.waiters, node);
+            entry.head_unstarted = true;
+            self.shrink_waiters();
+            return Poll::Ready(());
+        }
+        match &mut waiter.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// The unstarted head has called the inner service: the next claim may start.
+    pub(super) fn start(&mut self, hash: u64, id: u64) -> Option<Waker> {
+        let entry = find(&mut self.keys, hash, id);
+        entry.head_unstarted = false;
+        entry.startable_head(&mut self.waiters)
+    }
+
+    /// A claim holding a permit finished or was dropped. `was_head` says whether it was
+    /// still marked as the unstarted head.
+    pub(super) fn release(
+        &mut self,
+        hash: u64,
+        id: u64,
+        was_head: bool,
+        limits: Limits,
+    ) -> (Option<Waker>, Option<K>) {
+        let entry = find(&mut self.keys, hash, id);
+        entry.holders -= 1;
+        self.in_flight -= 1;
+        if was_head {
+            entry.head_unstarted = false;
+        }
+        self.after_change(hash, id, limits)
+    }
+
+    /// A claim still in the line was dropped, granted or not.
+    pub(super) fn abandon(
+        &mut self,
+        hash: u64,
+        id: u64,
+        node: u32,
+        limits: Limits,
+    ) -> (Option<Waker>, Option<K>) {
+        let entry = find(&mut self.keys, hash, id);
+        let waiter = entry.unlink(&mut self.waiters, node);
+        if waiter.granted {
+            entry.holders -= 1;
+            self.in_flight -= 1;
+        } else {
+            entry.queued -= 1;
+            self.queued -= 1;
+        }
+        self.shrink_waiters();
+        self.after_change(hash, id, limits)
+    }
+
+    /// Number of live keys, claims holding a permit and claims waiting for one.
+    pub(super) fn counts(&self) -> (usize, usize, usize) {
+        (self.keys.len(), self.in_flight, self.queued)
+    }
+
+    /// Hands free permits to waiters in call order, then removes the entry if it went idle.
+    /// Returns the waker of a claim that may now start, and the removed key, which the
+    /// caller drops after releasing the lock.
+    fn after_change(&mut self, hash: u64, id: u64, limits: Limits) -> (Option<Waker>, Option<K>) {
+        let entry = find(&mut self.keys, hash, id);
+        let granted = entry.grant(&mut self.waiters, limits.permits);
+        self.in_flight += granted as usize;
+        self.queued -= granted as usize;
+        let waker = entry.startable_head(&mut self.waiters);
+        if entry.holders > 0 || entry.head != NIL {
+            return (waker, None);
+        }
+        let removed = self
+            .keys
+            .find_entry(hash, |state| state.id == id)
+            .ok()
+            .map(|occupied| occupied.remove().0.key);
+        self.shrink_keys();
+        (waker, removed)
+    }
+
+    /// Returns table memory after a burst. Shrinking only once the table is a quarter
+    /// full keeps a key count that hovers around one size from reallocating each call.
+    fn shrink_keys(&mut self) {
+        let capacity = self.keys.capacity();
+        if capacity > RETAINED_KEYS && self.keys.len() * 4 <= capacity {
+            let target = (self.keys.len() * 2).max(RETAINED_KEYS);
+            self.keys.shrink_to(target, |state| state.hash);
+        }
+    }
+
+    /// Returns waiter memory once the shard's lines are empty. Slab indices are held by
+    /// live claims, so the slab can only be reset, not compacted, and only when empty.
+    fn shrink_waiters(&mut self) {
+        if self.waiters.is_empty() && self.waiters.capacity() > RETAINED_WAITERS {
+            self.waiters = Slab::with_capacity(RETAINED_WAITERS);
+        }
+    }
+}
+
+impl<K> KeyState<K> {
+    fn new(key: K, hash: u64, id: u64) -> Self {
+        KeyState {
+            key,
+            hash,
+            id,
+            holders: 0,
+            queued: 0,
+            head_unstarted: false,
+            head: NIL,
+            tail: NIL,
+            next_grant: NIL,
+        }
+    }
+
+    /// Gives free permits to the waiters at the front of the ungranted part of the line.
+    fn grant(&mut self, waiters: &mut Slab<Waiter>, permits: u32) -> u32 {
+        let mut granted = 0;
+        while self.holders < permits && self.next_grant != NIL {
+            let waiter = &mut waiters[self.next_grant as usize];
+            waiter.granted = true;
+            self.holders += 1;
+            self.queued -= 1;
+            granted += 1;
+            self.next_grant = waiter.next;
+        }
+        granted
+    }
+
+    /// The waker of the line's first waiter, if it may start now.
+    ///
+    /// The waker is taken, not cloned: the waiter is woken once, and re-registers if its
+    /// poll finds it cannot start after all.
+    fn startable_head(&mut self, waiters: &mut Slab<Waiter>) -> Option<Waker> {
+        if self.head_unstarted || self.head == NIL {
+            return None;
+        }
+        let waiter = &mut waiters[self.head as usize];
+        if waiter.granted {
+            waiter.waker.take()
+        } else {
+            None
+        }
+    }
+
+    /// Removes `node` from the line and frees its slot.
+    fn unlink(&mut self, waiters: &mut Slab<Waiter>, node: u32) -> Waiter {
+        let waiter = waiters.remove(node as usize);
+        if waiter.prev == NIL {
+            self.head = waiter.next;
+        } else {
+            waiters[waiter.prev as usize].next = waiter.next;
+        }
+        if waiter.next == NIL {
+            self.tail = waiter.prev;
+        } else {
+            waiters[waiter.next as usize].prev = waiter.prev;
+        }
+        if self.next_grant == node {
+            self.next_grant = waiter.next;
+        }
+        waiter
+    }
+}
+
+/// The entry a live claim refers to. It exists for as long as the claim does (invariant 4).
+fn find<K>(keys: &mut HashTable<KeyState<K>>, hash: u64, id: u64) -> &mut KeyState<K> {
+    keys.find_mut(hash, |state| state.id == id)
+        .expect("a live claim's key entry is present")
+}
+
+fn index(slot: usize) -> u32 {
+    u32::try_from(slot)
+        .ok()
+        .filter(|&slot| slot != NIL)
+        .expect("fewer than u32::MAX waiters in one shard")
+}

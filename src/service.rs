@@ -1,0 +1,140 @@
+//! The [`SyncEngine`] service.
+//!
+//! # Readiness
+//!
+//! [`SyncEngine::poll_ready`] is always ready. Each call takes the service's handle on
+//! the inner service (leaving a clone in its place, as tower-service's docs recommend)
+//! and moves it into the response future, which drives `poll_ready` on it only once the
+//! request's turn has come, immediately before calling it. This is the arrangement of
+//! tower's `Oneshot` and `Steer` and of axum's `HandleError`. It means:
+//!
+//! - a request waiting for its key holds no inner capacity, so a saturated key never
+//!   starves the others of a `ConcurrencyLimit` permit or a `Buffer` slot;
+//! - inner readiness is polled before every inner call, `Mode::Concurrent` included;
+//! - backpressure from the inner service shows up as a pending response future, not as
+//!   a pending `poll_ready`. Put load shedding inside this layer, or bound it with
+//!   `max_queue_per_key` and `max_keys`.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::task::{Context, Poll};
+
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::BoxError;
+use crate::future::ResponseFuture;
+use crate::layer::SyncEngineLayer;
+use crate::mode::Mode;
+use crate::registry::Registry;
+use crate::stats::Stats;
+use crate::sync::Arc;
+
+/// Runs `Mode::Sync` requests with the same key one at a time (or `permits_per_key` at a
+/// time), in the order of `call()`; passes `Mode::Concurrent` requests straight through.
+///
+/// Built by [`SyncEngineLayer`]. Every service built by one layer value, and every clone
+/// of those services, shares that layer's ordering domain. See the [crate docs](crate)
+/// for the guarantees.
+pub struct SyncEngine<S, P, K, H = RandomState> {
+    inner: S,
+    policy: P,
+    registry: Arc<Registry<K, H>>,
+}
+
+impl<S, P, K> SyncEngine<S, P, K> {
+    /// Wraps `inner` in a new ordering domain of its own, with default settings.
+    ///
+    /// Equivalent to `SyncEngineLayer::new(policy).layer(inner)`; use the layer to share
+    /// one domain between several services or to change the settings.
+    pub fn new<Req>(inner: S, policy: P) -> Self
+    where
+        P: Fn(&Req) -> Mode<K> + Clone,
+    {
+        SyncEngineLayer::new(policy).layer(inner)
+    }
+}
+
+impl<S, P, K, H> SyncEngine<S, P, K, H> {
+    pub(crate) fn from_parts(inner: S, policy: P, registry: Arc<Registry<K, H>>) -> Self {
+        SyncEngine {
+            inner,
+            policy,
+            registry,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// Current counts of the ordering domain this service belongs to.
+    pub fn stats(&self) -> Stats {
+        self.registry.stats()
+    }
+}
+
+impl<S, P, K, H, Req> Service<Req> for SyncEngine<S, P, K, H>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    P: Fn(&Req) -> Mode<K>,
+    K: Hash + Eq,
+    H: BuildHasher,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, K, H>;
+
+    /// Always ready: inner readiness is polled by the response future once the request's
+    /// turn has come (see the [module docs](self)).
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Classifies the request and, for `Mode::Sync`, takes its place in its key's line
+    /// before returning. A request over a configured limit gets a future that resolves
+    /// at once to [`Overloaded`](crate::error::Overloaded).
+    fn call(&mut self, request: Req) -> Self::Future {
+        let claim = match (self.policy)(&request) {
+            Mode::Concurrent => None,
+            Mode::Sync(key) => match self.registry.claim(key) {
+                Ok(claim) => Some(claim),
+                Err(overloaded) => return ResponseFuture::rejected(overloaded),
+            },
+        };
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::new(inner, request, claim)
+    }
+}
+
+impl<S: Clone, P: Clone, K, H> Clone for SyncEngine<S, P, K, H> {
+    fn clone(&self) -> Self {
+        SyncEngine {
+            inner: self.inner.clone(),
+            policy: self.policy.clone(),
+            registry: Arc::clone(&self.registry),
+        }
+    }
+}
+
+impl<S: fmt::Debug, P, K, H> fmt::Debug for SyncEngine<S, P, K, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SyncEngine")
+            .field("inner", &self.inner)
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,16 @@
+//! The synchronization primitives the registry is built on.
+//!
+//! Under `cfg(loom)` they are loom's instrumented versions, so the model tests in
+//! `tests/loom.rs` explore every interleaving of the real registry code.
+
+#[cfg(loom)]
+pub(crate) use loom::sync::{
+    Arc, Mutex, MutexGuard,
+    atomic::{AtomicUsize, Ordering},
+};
+
+#[cfg(not(loom))]
+pub(crate) use std::sync::{
+    Arc, Mutex, MutexGuard,
+    atomic::{AtomicUsize, Ordering},
+};
