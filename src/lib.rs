@@ -95,8 +95,8 @@
 //! # Readiness and errors
 //!
 //! [`SyncEngine`] is always ready; each response future polls its own handle on the
-//! inner service for readiness after its turn has come (see [`service`](SyncEngine)'s
-//! module docs). The inner service must therefore be `Clone`. Errors are boxed into
+//! inner service for readiness after its turn has come (see
+//! [Readiness](SyncEngine#readiness)). The inner service must therefore be `Clone`. Errors are boxed into
 //! [`BoxError`](error::BoxError), as with tower's other fallible middleware; this
 //! crate's own error is [`error::Overloaded`].
 //!
@@ -124,3 +124,8 @@ pub use self::layer::SyncEngineLayer;
 pub use self::mode::Mode;
 pub use self::service::SyncEngine;
 pub use self::stats::Stats;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,19 +1,6 @@
 //! The [`SyncEngine`] service.
 //!
-//! # Readiness
-//!
-//! [`SyncEngine::poll_ready`] is always ready. Each call takes the service's handle on
-//! the inner service (leaving a clone in its place, as tower-service's docs recommend)
-//! and moves it into the response future, which drives `poll_ready` on it only once the
-//! request's turn has come, immediately before calling it. This is the arrangement of
-//! tower's `Oneshot` and `Steer` and of axum's `HandleError`. It means:
-//!
-//! - a request waiting for its key holds no inner capacity, so a saturated key never
-//!   starves the others of a `ConcurrencyLimit` permit or a `Buffer` slot;
-//! - inner readiness is polled before every inner call, `Mode::Concurrent` included;
-//! - backpressure from the inner service shows up as a pending response future, not as
-//!   a pending `poll_ready`. Put load shedding inside this layer, or bound it with
-//!   `max_queue_per_key` and `max_keys`.
+//! Readiness is documented on [`SyncEngine`] itself, where users read it.
 
 use std::fmt;
 use std::hash::{BuildHasher, Hash, RandomState};
@@ -36,6 +23,21 @@ use crate::sync::Arc;
 /// Built by [`SyncEngineLayer`]. Every service built by one layer value, and every clone
 /// of those services, shares that layer's ordering domain. See the [crate docs](crate)
 /// for the guarantees.
+///
+/// # Readiness
+///
+/// [`SyncEngine::poll_ready`] is always ready. Each call takes the service's handle on
+/// the inner service (leaving a clone in its place, as tower-service's docs recommend)
+/// and moves it into the response future, which drives `poll_ready` on it only once the
+/// request's turn has come, immediately before calling it. This is the arrangement of
+/// tower's `Oneshot` and `Steer` and of axum's `HandleError`. It means:
+///
+/// - a request waiting for its key holds no inner capacity, so a saturated key never
+///   starves the others of a `ConcurrencyLimit` permit or a `Buffer` slot;
+/// - inner readiness is polled before every inner call, `Mode::Concurrent` included;
+/// - backpressure from the inner service shows up as a pending response future, not as
+///   a pending `poll_ready`. Put load shedding inside this layer, or bound it with
+///   `max_queue_per_key` and `max_keys`.
 pub struct SyncEngine<S, P, K, H = RandomState> {
     inner: S,
     policy: P,
@@ -98,7 +100,7 @@ where
     type Future = ResponseFuture<S, Req, K, H>;
 
     /// Always ready: inner readiness is polled by the response future once the request's
-    /// turn has come (see the [module docs](self)).
+    /// turn has come (see [Readiness](SyncEngine#readiness)).
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }

@@ -1,0 +1,222 @@
+//! Dropping a response future in any state passes the key on; timeouts on both sides of
+//! the layer and panics in handlers never wedge a key.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Msg, Recorder, handler};
+use tokio::time::Instant;
+use tokio_test::{assert_pending, assert_ready_ok, task};
+use tower::timeout::error::Elapsed;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_sync_engine::{Mode, SyncEngineLayer};
+
+fn by_key(msg: &Msg) -> Mode<u64> {
+    Mode::Sync(msg.key)
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_queued_request_frees_its_place() {
+    let recorder = Recorder::default();
+    let layer = SyncEngineLayer::new(by_key);
+    let mut service = layer.layer(handler(&recorder));
+    let mut first = task::spawn(service.call(Msg::new(1, 0, 100)));
+    let mut second = task::spawn(service.call(Msg::new(1, 1, 0)));
+    let mut third = task::spawn(service.call(Msg::new(1, 2, 0)));
+    assert_pending!(first.poll());
+    assert_pending!(second.poll());
+    assert_pending!(third.poll());
+    assert_eq!(layer.stats().queued, 2);
+
+    drop(second);
+    assert_eq!(layer.stats().queued, 1);
+
+    tokio::time::advance(Duration::from_millis(100)).await;
+    assert_ready_ok!(first.poll());
+    assert!(third.is_woken());
+    assert_pending!(third.poll());
+    assert_ready_ok!(third.poll());
+    assert_eq!(recorder.starts(1), [0, 2]);
+    assert!(layer.stats().is_idle());
+}
+
+#[tokio::test]
+async fn dropping_an_admitted_but_never_polled_request_passes_the_key() {
+    let recorder = Recorder::default();
+    let layer = SyncEngineLayer::new(by_key);
+    let mut service = layer.layer(handler(&recorder));
+    let first = service.call(Msg::new(1, 0, 0)); // holds the key, never polled
+    let mut second = task::spawn(service.call(Msg::new(1, 1, 0)));
+    assert_pending!(second.poll());
+
+    drop(first);
+    assert!(second.is_woken());
+    assert_pending!(second.poll());
+    assert_ready_ok!(second.poll());
+    assert_eq!(recorder.starts(1), [1]);
+    assert!(layer.stats().is_idle());
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_request_handed_the_key_but_not_yet_repolled_passes_it_on() {
+    let recorder = Recorder::default();
+    let layer = SyncEngineLayer::new(by_key);
+    let mut service = layer.layer(handler(&recorder));
+    let mut first = task::spawn(service.call(Msg::new(1, 0, 10)));
+    let mut second = task::spawn(service.call(Msg::new(1, 1, 0)));
+    let mut third = task::spawn(service.call(Msg::new(1, 2, 0)));
+    assert_pending!(first.poll());
+    assert_pending!(second.poll());
+    assert_pending!(third.poll());
+
+    tokio::time::advance(Duration::from_millis(10)).await;
+    assert_ready_ok!(first.poll());
+    // The key now belongs to `second`, which has been woken but not polled.
+    assert!(second.is_woken());
+    assert!(!third.is_woken());
+    assert_eq!(layer.stats().in_flight, 1);
+
+    drop(second);
+    assert!(third.is_woken());
+    assert_pending!(third.poll());
+    assert_ready_ok!(third.poll());
+    assert_eq!(recorder.starts(1), [0, 2]);
+    assert!(layer.stats().is_idle());
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_running_request_passes_the_key_after_the_handler_is_gone() {
+    let recorder = Recorder::default();
+    let layer = SyncEngineLayer::new(by_key);
+    let mut service = layer.layer(handler(&recorder));
+    let mut first = task::spawn(service.call(Msg::new(1, 0, 1_000)));
+    let mut second = task::spawn(service.call(Msg::new(1, 1, 0)));
+    assert_pending!(first.poll());
+    assert_pending!(second.poll());
+    assert_eq!(recorder.starts(1), [0]);
+
+    drop(first);
+    assert!(second.is_woken());
+    assert_pending!(second.poll());
+    assert_ready_ok!(second.poll());
+    assert_eq!(recorder.starts(1), [0, 1]);
+    // The dropped handler had stopped running before the next one started.
+    assert_eq!(recorder.max_running(1), 1);
+    assert!(layer.stats().is_idle());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_outside_covers_the_wait_and_takes_the_request_out_of_line() {
+    let recorder = Recorder::default();
+    let layer = SyncEngineLayer::new(by_key);
+    let mut plain = layer.layer(handler(&recorder));
+    let mut with_timeout = ServiceBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .layer(layer.clone())
+        .service(handler(&recorder));
+
+    let started = Instant::now();
+    let slow = tokio::spawn(plain.call(Msg::new(1, 0, 10_000)));
+    let impatient = tokio::spawn(with_timeout.call(Msg::new(1, 1, 10)));
+    let after = tokio::spawn(plain.call(Msg::new(1, 2, 10)));
+    tokio::task::yield_now().await;
+    assert_eq!(layer.stats().queued, 2);
+
+    let error = impatient.await.unwrap().unwrap_err();
+    assert!(error.is::<Elapsed>(), "{error}");
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+    assert_eq!(layer.stats().queued, 1);
+
+    slow.await.unwrap().unwrap();
+    after.await.unwrap().unwrap();
+    assert_eq!(started.elapsed(), Duration::from_millis(10_010));
+    assert_eq!(recorder.starts(1), [0, 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_inside_covers_the_handler_and_the_queue_moves_on() {
+    let recorder = Recorder::default();
+    let mut service = ServiceBuilder::new()
+        .layer(SyncEngineLayer::new(by_key))
+        .timeout(Duration::from_secs(1))
+        .service(handler(&recorder));
+    let started = Instant::now();
+    let stuck = tokio::spawn(service.call(Msg::new(1, 0, 60_000)));
+    // Waits 1s in line, then runs 500ms: inside the timeout, which starts at its turn.
+    let next = tokio::spawn(service.call(Msg::new(1, 1, 500)));
+
+    let error = stuck.await.unwrap().unwrap_err();
+    assert!(error.is::<Elapsed>(), "{error}");
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+    assert_eq!(next.await.unwrap().unwrap(), 1);
+    assert_eq!(started.elapsed(), Duration::from_millis(1_500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_handler_in_a_spawned_task_does_not_wedge_its_key() {
+    let recorder = Recorder::default();
+    let layer = SyncEngineLayer::new(by_key);
+    let mut service = layer.layer(handler(&recorder));
+    support::quiet_handler_panics();
+    let mut boom = Msg::new(1, 0, 10);
+    boom.panic = true;
+    let panicking = tokio::spawn(service.call(boom));
+    let next = tokio::spawn(service.call(Msg::new(1, 1, 10)));
+
+    assert!(panicking.await.unwrap_err().is_panic());
+    assert_eq!(next.await.unwrap().unwrap(), 1);
+    assert!(layer.stats().is_idle());
+}
+
+#[tokio::test(start_paused = true)]
+async fn handler_errors_release_the_key() {
+    let layer = SyncEngineLayer::new(|n: &u32| Mode::Sync(*n % 2));
+    let mut service = layer.layer(tower::service_fn(|n: u32| async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if n == 0 { Err("refused") } else { Ok(n) }
+    }));
+    let failing = tokio::spawn(service.call(0));
+    let next = tokio::spawn(service.call(2));
+    let error = failing.await.unwrap().unwrap_err();
+    assert_eq!(error.to_string(), "refused");
+    assert_eq!(next.await.unwrap().unwrap(), 2);
+    assert!(layer.stats().is_idle());
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_requests_complete_after_every_service_and_the_layer_are_dropped() {
+    let recorder = Recorder::default();
+    let layer = SyncEngineLayer::new(by_key);
+    let mut service = layer.layer(handler(&recorder));
+    let calls: Vec<_> = (0..3)
+        .map(|seq| tokio::spawn(service.call(Msg::new(1, seq, 10))))
+        .collect();
+    drop(service);
+    drop(layer);
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(recorder.ends(), [0, 1, 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn oneshot_under_an_outer_deadline_leaves_nothing_behind() {
+    let recorder = Recorder::default();
+    let layer = SyncEngineLayer::new(by_key);
+    let service = layer.layer(handler(&recorder));
+    let holder = tokio::spawn(service.clone().oneshot(Msg::new(1, 0, 1_000)));
+    // `oneshot` calls the service on its first poll.
+    tokio::task::yield_now().await;
+    for seq in 1..50 {
+        let waiting = service.clone().oneshot(Msg::new(1, seq, 1));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), waiting)
+                .await
+                .is_err()
+        );
+    }
+    holder.await.unwrap().unwrap();
+    assert_eq!(recorder.starts(1), [0]);
+    assert!(layer.stats().is_idle());
+}
