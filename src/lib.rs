@@ -105,11 +105,73 @@
 //! - A `Timeout` **outside** this layer covers the time spent waiting for the key as
 //!   well as the handler; when it fires, the request leaves the queue.
 //! - A `Timeout` **inside** covers the handler only; when it fires, the key passes on.
-//! - A tracing or metrics layer outside sees the wait as part of the latency.
+//! - Waiting happens inside the response future, so a tracing or metrics layer outside
+//!   (such as tower-http's `TraceLayer`) counts the wait in the request's latency.
+//! - With the `builder` feature, `ServiceBuilderExt` adds
+//!   `ServiceBuilder::new().sync_engine(policy)`.
+//!
+//! # With axum
+//!
+//! axum routes need infallible services; turn this crate's errors into responses with
+//! `HandleErrorLayer`, as for any fallible tower middleware. Build the layer once: axum
+//! applies it to every route and clones the service for each request, and all of those
+//! share the layer's ordering domain.
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{Router, error_handling::HandleErrorLayer, extract::Request, http::StatusCode};
+//! use axum::routing::post;
+//! use tower::{BoxError, ServiceBuilder, timeout::error::Elapsed};
+//! use tower_sync_engine::{Mode, SyncEngineLayer, error::Overloaded};
+//!
+//! async fn handle_error(error: BoxError) -> StatusCode {
+//!     if error.is::<Overloaded>() {
+//!         StatusCode::SERVICE_UNAVAILABLE
+//!     } else if error.is::<Elapsed>() {
+//!         StatusCode::REQUEST_TIMEOUT
+//!     } else {
+//!         StatusCode::INTERNAL_SERVER_ERROR
+//!     }
+//! }
+//!
+//! // Requests with the same session header run one at a time; others run concurrently.
+//! let by_session = SyncEngineLayer::new(|request: &Request| {
+//!     match request.headers().get("x-session-id") {
+//!         Some(session) => Mode::Sync(session.clone()),
+//!         None => Mode::Concurrent,
+//!     }
+//! })
+//! .max_queue_per_key(32);
+//!
+//! let app: Router = Router::new()
+//!     .route("/edit", post(|| async { "saved" }))
+//!     .route("/publish", post(|| async { "published" }))
+//!     .layer(
+//!         ServiceBuilder::new()
+//!             .layer(HandleErrorLayer::new(handle_error))
+//!             .timeout(Duration::from_secs(10))
+//!             .layer(by_session),
+//!     );
+//! # drop(app);
+//! ```
+//!
+//! `examples/http_session.rs` runs this with tower-http's `TraceLayer`, and its test
+//! checks the 503 and 408 responses.
+//!
+//! # Features
+//!
+//! - `builder` (default): `ServiceBuilderExt`, which adds `.sync_engine(policy)` to
+//!   tower's `ServiceBuilder`.
+//! - `tracing` (default): `DEBUG` events with target `tower_sync_engine` for requests
+//!   that wait for their key: `queued` with the key's `queue_depth`, and `admitted` with
+//!   `waited_us`, the microseconds between `call()` and the request's turn. Requests that
+//!   get their key at once emit nothing.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+#[cfg(feature = "builder")]
+mod builder;
 pub mod error;
 mod future;
 mod layer;
@@ -118,7 +180,10 @@ mod registry;
 mod service;
 mod stats;
 mod sync;
+mod trace;
 
+#[cfg(feature = "builder")]
+pub use self::builder::ServiceBuilderExt;
 pub use self::future::ResponseFuture;
 pub use self::layer::SyncEngineLayer;
 pub use self::mode::Mode;

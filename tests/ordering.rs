@@ -312,3 +312,23 @@ fn the_response_future_is_send_and_static() {
     assert_send_static(&future);
     assert_send_static(&service);
 }
+
+#[cfg(feature = "builder")]
+#[tokio::test(start_paused = true)]
+async fn service_builder_ext_adds_the_layer() {
+    use tower_sync_engine::ServiceBuilderExt;
+
+    let recorder = Recorder::default();
+    let mut service = tower::ServiceBuilder::new()
+        .sync_engine(by_key)
+        .service(handler(&recorder));
+    let calls = [
+        tokio::spawn(service.call(Msg::new(1, 0, 30))),
+        tokio::spawn(service.call(Msg::new(1, 1, 10))),
+    ];
+    assert_eq!(service.stats().queued, 1);
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(recorder.ends(), [0, 1]);
+}

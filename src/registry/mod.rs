@@ -66,6 +66,7 @@ use self::shard::{Limits, Position, Shard};
 use crate::error::{Limit, Overloaded};
 use crate::stats::Stats;
 use crate::sync::{Arc, AtomicUsize, Mutex, MutexGuard, Ordering};
+use crate::trace::{self, QueuedAt};
 
 /// Upper bound on the default shard count.
 const MAX_SHARDS: usize = 256;
@@ -115,8 +116,8 @@ pub(crate) struct Claim<K, H> {
 
 #[derive(Clone, Copy, Debug)]
 enum ClaimState {
-    /// In the line at this node.
-    Waiting(u32),
+    /// In the line at `node` since `since`.
+    Waiting { node: u32, since: QueuedAt },
     /// Holds a permit. `head` while it is still marked as the unstarted head.
     Holding { head: bool },
 }
@@ -202,7 +203,10 @@ where
             .claim(hash, key, self.limits, admit_new_key)?;
         let state = match position {
             Position::Head => ClaimState::Holding { head: true },
-            Position::Waiting(node) => ClaimState::Waiting(node),
+            Position::Waiting { node, depth } => ClaimState::Waiting {
+                node,
+                since: trace::queued(depth),
+            },
         };
         Ok(Claim {
             registry: Arc::clone(self),
@@ -216,7 +220,7 @@ where
 impl<K, H> Claim<K, H> {
     /// Resolves once this claim is the head of its key and may call the inner service.
     pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if let ClaimState::Waiting(node) = self.state {
+        if let ClaimState::Waiting { node, since } = self.state {
             let turn = self
                 .registry
                 .shard(self.hash)
@@ -224,6 +228,7 @@ impl<K, H> Claim<K, H> {
             if turn.is_pending() {
                 return Poll::Pending;
             }
+            trace::admitted(since);
             self.state = ClaimState::Holding { head: true };
         }
         Poll::Ready(())
@@ -245,7 +250,9 @@ impl<K, H> Drop for Claim<K, H> {
         let registry = &*self.registry;
         let mut shard = registry.shard(self.hash);
         let (waker, removed_key) = match self.state {
-            ClaimState::Waiting(node) => shard.abandon(self.hash, self.id, node, registry.limits),
+            ClaimState::Waiting { node, .. } => {
+                shard.abandon(self.hash, self.id, node, registry.limits)
+            }
             ClaimState::Holding { head } => {
                 shard.release(self.hash, self.id, head, registry.limits)
             }

@@ -78,8 +78,9 @@ pub(super) struct Limits {
 pub(super) enum Position {
     /// It holds a permit and every earlier claim on the key has started: it may start now.
     Head,
-    /// It waits in the line at this node.
-    Waiting(u32),
+    /// It waits in the line at `node`; `depth` requests of its key (itself included)
+    /// now wait for a permit.
+    Waiting { node: u32, depth: u32 },
 }
 
 impl<K> Default for Shard<K> {
@@ -159,7 +160,8 @@ impl<K> Shard<K> {
                 entry.next_grant = node;
             }
         }
-        Ok((entry.id, Position::Waiting(node)))
+        let depth = entry.queued;
+        Ok((entry.id, Position::Waiting { node, depth }))
     }
 
     /// Checks whether the waiter at `node` may start; if so it leaves the line and

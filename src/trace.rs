@@ -1,0 +1,51 @@
+//! Events for requests that wait for their key, behind the `tracing` feature.
+//!
+//! A request that gets its key at once emits nothing: the uncontended path stays free of
+//! clock reads. A request that has to wait emits, at `DEBUG` level with target
+//! `tower_sync_engine`:
+//!
+//! - `queued`, with `queue_depth`: how many requests of its key wait for a permit,
+//!   itself included;
+//! - `admitted`, with `waited_us`: microseconds from `call()` until its turn came, on
+//!   tokio's clock (so a paused clock in tests gives exact values).
+
+pub(crate) use self::imp::{QueuedAt, admitted, queued};
+
+#[cfg(feature = "tracing")]
+mod imp {
+    use tokio::time::Instant;
+
+    /// When a request joined its key's line.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct QueuedAt(Instant);
+
+    pub(crate) fn queued(depth: u32) -> QueuedAt {
+        tracing::debug!(
+            target: "tower_sync_engine",
+            queue_depth = depth,
+            "queued"
+        );
+        QueuedAt(Instant::now())
+    }
+
+    pub(crate) fn admitted(since: QueuedAt) {
+        let waited = since.0.elapsed();
+        tracing::debug!(
+            target: "tower_sync_engine",
+            waited_us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+            "admitted"
+        );
+    }
+}
+
+#[cfg(not(feature = "tracing"))]
+mod imp {
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct QueuedAt;
+
+    pub(crate) fn queued(_depth: u32) -> QueuedAt {
+        QueuedAt
+    }
+
+    pub(crate) fn admitted(_since: QueuedAt) {}
+}
