@@ -8,7 +8,10 @@
 //!
 //! Readiness is polled only after the turn is won, so a request waiting behind its key
 //! never holds inner capacity (a `Buffer` slot, a `ConcurrencyLimit` permit) that
-//! another key could use. A `Mode::Concurrent` future skips step 1.
+//! another key could use.
+//!
+//! A `Mode::Concurrent` request whose inner service was ready in `call()` starts in
+//! step 3; otherwise it starts in step 2.
 //!
 //! The claim on the key is dropped as soon as the inner future completes, and with the
 //! future in every other case; its `Drop` hands the key to the next request.
@@ -28,34 +31,43 @@ pin_project! {
     /// Response future of [`SyncEngine`](crate::SyncEngine).
     ///
     /// It is `Send` when the inner service, its future, the request and the key are.
-    pub struct ResponseFuture<S, Req, K, H>
+    pub struct ResponseFuture<S, Req, K>
     where
         S: Service<Req>,
     {
         // Declared before the claim, so that when the whole future is dropped the
         // inner future is gone before the next request on the key may start.
         #[pin]
-        state: State<S, Req, S::Future>,
-        claim: Option<Claim<K, H>>,
+        state: State<S, Req, S::Future, S::Error>,
+        claim: Option<Claim<K>>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, Req, F> {
+    enum State<S, Req, F, E> {
         // Waiting for the key's turn, then for the inner service to be ready.
         Waiting { service: S, request: Option<Req> },
         Called { #[pin] future: F },
-        Rejected { error: Overloaded },
+        Failed { error: Option<Failure<E>> },
         Done,
     }
 }
 
-impl<S, Req, K, H> ResponseFuture<S, Req, K, H>
+/// Why a future resolves at once. Kept unboxed until polled, so that rejecting a
+/// request allocates nothing.
+#[derive(Debug)]
+enum Failure<E> {
+    Overloaded(Overloaded),
+    Inner(E),
+}
+
+impl<S, Req, K> ResponseFuture<S, Req, K>
 where
     S: Service<Req>,
 {
-    pub(crate) fn new(service: S, request: Req, claim: Option<Claim<K, H>>) -> Self {
+    /// Waits for the claim's turn (if any) and for `service` to be ready, then calls it.
+    pub(crate) fn waiting(service: S, request: Req, claim: Option<Claim<K>>) -> Self {
         ResponseFuture {
             state: State::Waiting {
                 service,
@@ -65,22 +77,66 @@ where
         }
     }
 
+    /// Drives an inner future that needs no claim.
+    pub(crate) fn called(future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+            claim: None,
+        }
+    }
+
+    /// Resolves at once to `Overloaded`.
     pub(crate) fn rejected(error: Overloaded) -> Self {
         ResponseFuture {
-            state: State::Rejected { error },
+            state: State::Failed {
+                error: Some(Failure::Overloaded(error)),
+            },
+            claim: None,
+        }
+    }
+
+    /// Resolves at once to the inner service's readiness error.
+    pub(crate) fn failed(error: S::Error) -> Self {
+        ResponseFuture {
+            state: State::Failed {
+                error: Some(Failure::Inner(error)),
+            },
             claim: None,
         }
     }
 }
 
-impl<S, Req, K, H> Future for ResponseFuture<S, Req, K, H>
+impl<S, Req, K> Future for ResponseFuture<S, Req, K>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
 {
     type Output = Result<S::Response, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // A Concurrent request passed straight through is only its inner future.
+        if self.claim.is_none() && matches!(self.state, State::Called { .. }) {
+            if let StateProj::Called { future } = self.project().state.project() {
+                return future.poll(cx).map_err(Into::into);
+            }
+            unreachable!("the state was checked above");
+        }
+        self.poll_steps(cx)
+    }
+}
+
+impl<S, Req, K> ResponseFuture<S, Req, K>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    /// Every state but the pass-through: waiting, called with a claim, failed.
+    #[inline(never)]
+    fn poll_steps(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<S::Response, BoxError>> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
@@ -102,14 +158,19 @@ where
                 }
                 StateProj::Called { future } => {
                     let output = ready!(future.poll(cx));
-                    this.state.set(State::Done);
-                    *this.claim = None;
+                    if this.claim.is_some() {
+                        // The inner future goes first, then the key passes on.
+                        this.state.set(State::Done);
+                        *this.claim = None;
+                    }
                     return Poll::Ready(output.map_err(Into::into));
                 }
-                StateProj::Rejected { error } => {
-                    let error = *error;
-                    this.state.set(State::Done);
-                    return Poll::Ready(Err(error.into()));
+                StateProj::Failed { error } => {
+                    return Poll::Ready(Err(match error.take() {
+                        Some(Failure::Overloaded(error)) => error.into(),
+                        Some(Failure::Inner(error)) => error.into(),
+                        None => panic!("ResponseFuture polled after completion"),
+                    }));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
@@ -117,7 +178,7 @@ where
     }
 }
 
-impl<S, Req, K, H> fmt::Debug for ResponseFuture<S, Req, K, H>
+impl<S, Req, K> fmt::Debug for ResponseFuture<S, Req, K>
 where
     S: Service<Req>,
 {
@@ -126,7 +187,7 @@ where
             State::Waiting { .. } if self.claim.is_some() => "waiting for its key or readiness",
             State::Waiting { .. } => "waiting for readiness",
             State::Called { .. } => "called",
-            State::Rejected { .. } => "rejected",
+            State::Failed { .. } => "failed",
             State::Done => "done",
         };
         f.debug_struct("ResponseFuture")

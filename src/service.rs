@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::hash::{BuildHasher, Hash, RandomState};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use tower_layer::Layer;
 use tower_service::Service;
@@ -26,15 +26,21 @@ use crate::sync::Arc;
 ///
 /// # Readiness
 ///
-/// [`SyncEngine::poll_ready`] is always ready. Each call takes the service's handle on
-/// the inner service (leaving a clone in its place, as tower-service's docs recommend)
-/// and moves it into the response future, which drives `poll_ready` on it only once the
-/// request's turn has come, immediately before calling it. This is the arrangement of
-/// tower's `Oneshot` and `Steer` and of axum's `HandleError`. It means:
+/// [`SyncEngine::poll_ready`] is always ready. A `Mode::Sync` call takes the service's
+/// handle on the inner service (leaving a clone in its place, as tower-service's docs
+/// recommend) and moves it into the response future, which drives `poll_ready` on it
+/// only once the request's turn has come, immediately before calling it. This is the
+/// arrangement of tower's `Oneshot` and `Steer` and of axum's `HandleError`.
+///
+/// A `Mode::Concurrent` call asks the inner service whether it is ready and, if it is,
+/// calls it at once: the response future is then the inner future in a thin wrapper. If
+/// it is not ready, the response future waits for readiness as above, with no key.
+///
+/// This means:
 ///
 /// - a request waiting for its key holds no inner capacity, so a saturated key never
 ///   starves the others of a `ConcurrencyLimit` permit or a `Buffer` slot;
-/// - inner readiness is polled before every inner call, `Mode::Concurrent` included;
+/// - inner readiness is polled before every inner call;
 /// - backpressure from the inner service shows up as a pending response future, not as
 ///   a pending `poll_ready`. Put load shedding inside this layer, or bound it with
 ///   `max_queue_per_key` and `max_keys`.
@@ -97,7 +103,7 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Req, K, H>;
+    type Future = ResponseFuture<S, Req, K>;
 
     /// Always ready: inner readiness is polled by the response future once the request's
     /// turn has come (see [Readiness](SyncEngine#readiness)).
@@ -109,16 +115,45 @@ where
     /// before returning. A request over a configured limit gets a future that resolves
     /// at once to [`Overloaded`](crate::error::Overloaded).
     fn call(&mut self, request: Req) -> Self::Future {
-        let claim = match (self.policy)(&request) {
-            Mode::Concurrent => None,
+        match (self.policy)(&request) {
+            Mode::Concurrent => self.call_concurrent(request),
             Mode::Sync(key) => match self.registry.claim(key) {
-                Ok(claim) => Some(claim),
-                Err(overloaded) => return ResponseFuture::rejected(overloaded),
+                Ok(claim) => ResponseFuture::waiting(self.take_inner(), request, Some(claim)),
+                Err(overloaded) => ResponseFuture::rejected(overloaded),
             },
-        };
+        }
+    }
+}
+
+impl<S, P, K, H> SyncEngine<S, P, K, H> {
+    /// Passes a `Mode::Concurrent` request straight to the inner service when it is ready,
+    /// which most services are at once. Asking without a waker is enough to find out; a
+    /// service that is not ready goes into the response future, which asks again with
+    /// the task's own waker.
+    fn call_concurrent<Req>(&mut self, request: Req) -> ResponseFuture<S, Req, K>
+    where
+        S: Service<Req> + Clone,
+        S::Error: Into<BoxError>,
+    {
+        match self
+            .inner
+            .poll_ready(&mut Context::from_waker(Waker::noop()))
+        {
+            Poll::Ready(Ok(())) => ResponseFuture::called(self.inner.call(request)),
+            Poll::Ready(Err(error)) => ResponseFuture::failed(error),
+            Poll::Pending => ResponseFuture::waiting(self.take_inner(), request, None),
+        }
+    }
+
+    /// Takes the service's handle on the inner service for a response future, leaving a
+    /// clone in its place (see "Be careful when cloning inner services" in
+    /// tower-service's docs).
+    fn take_inner(&mut self) -> S
+    where
+        S: Clone,
+    {
         let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(inner, request, claim)
+        std::mem::replace(&mut self.inner, clone)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Events for requests that wait for their key, behind the `tracing` feature.
 //!
-//! A request that gets its key at once emits nothing: the uncontended path stays free of
+//! A request that gets its key at once emits nothing, and the clock is read only when
+//! these events are enabled: without a subscriber that wants them, waiting costs no
 //! clock reads. A request that has to wait emits, at `DEBUG` level with target
 //! `tower_sync_engine`:
 //!
@@ -14,22 +15,29 @@ pub(crate) use self::imp::{QueuedAt, admitted, queued};
 #[cfg(feature = "tracing")]
 mod imp {
     use tokio::time::Instant;
+    use tracing::Level;
 
-    /// When a request joined its key's line.
+    /// When a request joined its key's line, if anyone listens.
     #[derive(Clone, Copy, Debug)]
-    pub(crate) struct QueuedAt(Instant);
+    pub(crate) struct QueuedAt(Option<Instant>);
 
     pub(crate) fn queued(depth: u32) -> QueuedAt {
+        if !tracing::enabled!(target: "tower_sync_engine", Level::DEBUG) {
+            return QueuedAt(None);
+        }
         tracing::debug!(
             target: "tower_sync_engine",
             queue_depth = depth,
             "queued"
         );
-        QueuedAt(Instant::now())
+        QueuedAt(Some(Instant::now()))
     }
 
     pub(crate) fn admitted(since: QueuedAt) {
-        let waited = since.0.elapsed();
+        let Some(since) = since.0 else {
+            return;
+        };
+        let waited = since.elapsed();
         tracing::debug!(
             target: "tower_sync_engine",
             waited_us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),

@@ -106,3 +106,25 @@ async fn a_queued_key_does_not_starve_other_keys_of_an_inner_concurrency_limit()
     // Key 2 asked for the permit before key 1's second request had its turn.
     assert_eq!(recorder.ends(), [0, 2, 1]);
 }
+
+#[tokio::test]
+async fn a_ready_inner_service_gets_a_concurrent_request_inside_call() {
+    let (inner, mut handle) = mock::pair::<u32, u32>();
+    handle.allow(1);
+    let mut service = SyncEngineLayer::new(|_: &u32| Mode::<u32>::Concurrent).layer(inner);
+    let call = service.call(1);
+    // The inner service was called before the response future was ever polled.
+    let (request, respond) = handle.next_request().await.unwrap();
+    assert_eq!(request, 1);
+    respond.send_response(2);
+    assert_eq!(call.await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn an_inner_readiness_error_reaches_a_concurrent_request() {
+    let (inner, mut handle) = mock::pair::<u32, u32>();
+    handle.send_error("inner broke");
+    let mut service = SyncEngineLayer::new(|_: &u32| Mode::<u32>::Concurrent).layer(inner);
+    let error = service.call(1).await.unwrap_err();
+    assert_eq!(error.to_string(), "inner broke");
+}

@@ -15,6 +15,11 @@
 //! its key again without hashing or comparing keys. Different keys in different shards
 //! never contend.
 //!
+//! Each shard is reference-counted on its own and a claim keeps only its shard alive,
+//! so requests on different shards share no cache line at all: not a lock, not a
+//! reference count. The registry-wide key count behind `max_keys` exists only when that
+//! limit is set, and is touched only when a key is created or removed.
+//!
 //! Per key the shard keeps:
 //!
 //! - `holders`: claims holding one of the key's `permits` (whether started or not);
@@ -68,8 +73,14 @@ use crate::stats::Stats;
 use crate::sync::{Arc, AtomicUsize, Mutex, MutexGuard, Ordering};
 use crate::trace::{self, QueuedAt};
 
-/// Upper bound on the default shard count.
-const MAX_SHARDS: usize = 256;
+/// Shards per available core. Two workers spraying requests over random keys collide on
+/// a shard with probability about 1/shards per request, and a collision on a std
+/// `Mutex` can cost a futex round trip; 32 per core keeps that rare. An idle shard costs
+/// 256 bytes.
+const SHARDS_PER_CORE: usize = 32;
+
+/// Upper bound on the shard count.
+const MAX_SHARDS: usize = 1024;
 
 /// The settings of one ordering domain.
 #[derive(Clone, Copy, Debug)]
@@ -91,24 +102,33 @@ impl Default for Config {
 
 /// One ordering domain: the state shared by a layer and every service it builds.
 pub(crate) struct Registry<K, H> {
-    shards: Box<[CachePadded<Mutex<Shard<K>>>]>,
+    shards: Box<[Arc<ShardCell<K>>]>,
     hasher: H,
     config: Config,
-    limits: Limits,
-    /// Live keys across all shards, maintained only when `max_keys` is set, so that an
-    /// unbounded registry shares no counter between shards.
-    live_keys: AtomicUsize,
 }
 
-/// Keeps each shard's lock on its own pair of cache lines; x86 prefetches lines in pairs.
+/// A shard and what its claims need besides it. Aligned so that no two shards, and no
+/// shard and its reference count, share a pair of cache lines (x86 prefetches lines in
+/// pairs).
 #[repr(align(128))]
-struct CachePadded<T>(T);
+struct ShardCell<K> {
+    shard: Mutex<Shard<K>>,
+    limits: Limits,
+    /// Shared by every shard of the registry; only when `max_keys` is set.
+    key_count: Option<Arc<KeyCount>>,
+}
+
+/// Live keys across all shards, against `max_keys`.
+struct KeyCount {
+    live: AtomicUsize,
+    max: usize,
+}
 
 /// A request's place on its key, from `call()` until the request is done.
 ///
 /// Dropping it, in any state, gives the place up and lets the next claim in line go.
-pub(crate) struct Claim<K, H> {
-    registry: Arc<Registry<K, H>>,
+pub(crate) struct Claim<K> {
+    cell: Arc<ShardCell<K>>,
     hash: u64,
     id: u64,
     state: ClaimState,
@@ -124,23 +144,38 @@ enum ClaimState {
 
 impl<K, H> Registry<K, H> {
     pub(crate) fn new(config: Config, hasher: H) -> Self {
-        let shards = std::thread::available_parallelism()
-            .map_or(1, NonZeroUsize::get)
-            .saturating_mul(4)
-            .next_power_of_two()
-            .min(MAX_SHARDS);
+        let shards = if cfg!(loom) {
+            // Keeps the models small: every shard is a loom object in every execution.
+            2
+        } else {
+            std::thread::available_parallelism()
+                .map_or(1, NonZeroUsize::get)
+                .saturating_mul(SHARDS_PER_CORE)
+                .next_power_of_two()
+                .min(MAX_SHARDS)
+        };
         let limits = Limits {
             permits: u32::try_from(config.permits_per_key).unwrap_or(u32::MAX),
             max_queue: config.max_queue_per_key.unwrap_or(usize::MAX),
         };
+        let key_count = config.max_keys.map(|max| {
+            Arc::new(KeyCount {
+                live: AtomicUsize::new(0),
+                max,
+            })
+        });
         Registry {
             shards: (0..shards)
-                .map(|_| CachePadded(Mutex::new(Shard::default())))
+                .map(|_| {
+                    Arc::new(ShardCell {
+                        shard: Mutex::new(Shard::default()),
+                        limits,
+                        key_count: key_count.clone(),
+                    })
+                })
                 .collect(),
             hasher,
             config,
-            limits,
-            live_keys: AtomicUsize::new(0),
         }
     }
 
@@ -157,26 +192,13 @@ impl<K, H> Registry<K, H> {
     pub(crate) fn stats(&self) -> Stats {
         self.shards
             .iter()
-            .fold(Stats::default(), |mut stats, shard| {
-                let (keys, in_flight, queued) = lock(&shard.0).counts();
+            .fold(Stats::default(), |mut stats, cell| {
+                let (keys, in_flight, queued) = cell.lock().counts();
                 stats.keys += keys;
                 stats.in_flight += in_flight;
                 stats.queued += queued;
                 stats
             })
-    }
-
-    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard<K>> {
-        // The low bits pick a bucket inside the shard's table and the top seven are its
-        // tag, so the shard is chosen from bits neither uses.
-        let index = (hash >> 48) as usize & (self.shards.len() - 1);
-        lock(&self.shards[index].0)
-    }
-
-    fn key_removed(&self) {
-        if self.config.max_keys.is_some() {
-            self.live_keys.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 }
 
@@ -186,21 +208,22 @@ where
     H: BuildHasher,
 {
     /// Takes `key`'s next place in call order, or rejects the request if a limit is hit.
-    pub(crate) fn claim(self: &Arc<Self>, key: K) -> Result<Claim<K, H>, Overloaded> {
+    pub(crate) fn claim(&self, key: K) -> Result<Claim<K>, Overloaded> {
         let hash = self.hasher.hash_one(&key);
-        let admit_new_key = || match self.config.max_keys {
+        // The low bits pick a bucket inside the shard's table and the top seven are its
+        // tag, so the shard is chosen from bits neither uses.
+        let cell = &self.shards[(hash >> 48) as usize & (self.shards.len() - 1)];
+        let admit_new_key = || match &cell.key_count {
             None => Ok(()),
-            Some(max_keys) => self
-                .live_keys
+            Some(count) => count
+                .live
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |live| {
-                    (live < max_keys).then_some(live + 1)
+                    (live < count.max).then_some(live + 1)
                 })
                 .map(drop)
                 .map_err(|_| Overloaded::new(Limit::MaxKeys)),
         };
-        let (id, position) = self
-            .shard(hash)
-            .claim(hash, key, self.limits, admit_new_key)?;
+        let (id, position) = cell.lock().claim(hash, key, cell.limits, admit_new_key)?;
         let state = match position {
             Position::Head => ClaimState::Holding { head: true },
             Position::Waiting { node, depth } => ClaimState::Waiting {
@@ -209,7 +232,7 @@ where
             },
         };
         Ok(Claim {
-            registry: Arc::clone(self),
+            cell: Arc::clone(cell),
             hash,
             id,
             state,
@@ -217,14 +240,21 @@ where
     }
 }
 
-impl<K, H> Claim<K, H> {
+impl<K> ShardCell<K> {
+    /// Locks the shard, ignoring poisoning: the shard's state is consistent whenever user
+    /// code can panic under the lock (only `K::eq`, during a lookup that changes nothing).
+    fn lock(&self) -> MutexGuard<'_, Shard<K>> {
+        self.shard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<K> Claim<K> {
     /// Resolves once this claim is the head of its key and may call the inner service.
     pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if let ClaimState::Waiting { node, since } = self.state {
-            let turn = self
-                .registry
-                .shard(self.hash)
-                .poll_turn(self.hash, self.id, node, cx);
+            let turn = self.cell.lock().poll_turn(self.hash, self.id, node, cx);
             if turn.is_pending() {
                 return Poll::Pending;
             }
@@ -236,29 +266,27 @@ impl<K, H> Claim<K, H> {
 
     /// Records that the inner service has been called, so the next claim may start.
     pub(crate) fn started(&mut self) {
-        let one_permit = self.registry.limits.permits == 1;
+        let one_permit = self.cell.limits.permits == 1;
         if matches!(self.state, ClaimState::Holding { head: true }) && !one_permit {
-            let waker = self.registry.shard(self.hash).start(self.hash, self.id);
+            let waker = self.cell.lock().start(self.hash, self.id);
             self.state = ClaimState::Holding { head: false };
             wake(waker);
         }
     }
-}
 
-impl<K, H> Drop for Claim<K, H> {
-    fn drop(&mut self) {
-        let registry = &*self.registry;
-        let mut shard = registry.shard(self.hash);
+    /// Out of line, so that dropping a response future without a claim stays cheap.
+    #[inline(never)]
+    fn give_up(&mut self) {
+        let cell = &*self.cell;
+        let mut shard = cell.lock();
         let (waker, removed_key) = match self.state {
             ClaimState::Waiting { node, .. } => {
-                shard.abandon(self.hash, self.id, node, registry.limits)
+                shard.abandon(self.hash, self.id, node, cell.limits)
             }
-            ClaimState::Holding { head } => {
-                shard.release(self.hash, self.id, head, registry.limits)
-            }
+            ClaimState::Holding { head } => shard.release(self.hash, self.id, head, cell.limits),
         };
-        if removed_key.is_some() {
-            registry.key_removed();
+        if let (Some(_), Some(count)) = (&removed_key, &cell.key_count) {
+            count.live.fetch_sub(1, Ordering::Relaxed);
         }
         drop(shard);
         // User code (the key's and the waker's) runs only after the lock is released.
@@ -267,18 +295,16 @@ impl<K, H> Drop for Claim<K, H> {
     }
 }
 
+impl<K> Drop for Claim<K> {
+    fn drop(&mut self) {
+        self.give_up();
+    }
+}
+
 fn wake(waker: Option<Waker>) {
     if let Some(waker) = waker {
         waker.wake();
     }
-}
-
-/// Locks a shard, ignoring poisoning: the shard's state is consistent whenever user code
-/// can panic under the lock (only `K::eq`, during a lookup that changes nothing).
-fn lock<K>(shard: &Mutex<Shard<K>>) -> MutexGuard<'_, Shard<K>> {
-    shard
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl<K, H> std::fmt::Debug for Registry<K, H> {
@@ -290,7 +316,7 @@ impl<K, H> std::fmt::Debug for Registry<K, H> {
     }
 }
 
-impl<K, H> std::fmt::Debug for Claim<K, H> {
+impl<K> std::fmt::Debug for Claim<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Claim")
             .field("state", &self.state)

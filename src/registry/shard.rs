@@ -6,7 +6,7 @@
 
 use std::task::{Context, Poll, Waker};
 
-use hashbrown::HashTable;
+use hashbrown::{HashTable, hash_table};
 use slab::Slab;
 
 use crate::error::{Limit, Overloaded};
@@ -25,13 +25,19 @@ const RETAINED_WAITERS: usize = 4;
 /// The state of every live key that hashes to this shard.
 pub(super) struct Shard<K> {
     keys: HashTable<KeyState<K>>,
-    /// Nodes of every line in this shard. A waiter's index is stable for its lifetime,
-    /// which gives O(1) removal when a queued request is dropped.
-    waiters: Slab<Waiter>,
     /// Identifies a key's entry for the lifetime of that entry. A claim finds its entry
     /// again by `(hash, id)`, so releasing never compares keys, and a claim can never
     /// touch a later entry for the same key.
     next_id: u64,
+    lines: Lines,
+}
+
+/// The waiting lines of a shard's keys, and its counts. Kept apart from the key table
+/// so that both can be borrowed at once.
+struct Lines {
+    /// Nodes of every line in this shard. A waiter's index is stable for its lifetime,
+    /// which gives O(1) removal when a queued request is dropped.
+    waiters: Slab<Waiter>,
     /// Sum of `holders` over this shard's keys.
     in_flight: usize,
     /// Sum of `queued` over this shard's keys.
@@ -87,10 +93,12 @@ impl<K> Default for Shard<K> {
     fn default() -> Self {
         Shard {
             keys: HashTable::new(),
-            waiters: Slab::new(),
             next_id: 0,
-            in_flight: 0,
-            queued: 0,
+            lines: Lines {
+                waiters: Slab::new(),
+                in_flight: 0,
+                queued: 0,
+            },
         }
     }
 }
@@ -110,23 +118,23 @@ impl<K> Shard<K> {
     where
         K: Eq,
     {
-        let entry = match self.keys.find_mut(hash, |state| state.key == key) {
-            Some(entry) => entry,
-            None => {
+        let entry = match self
+            .keys
+            .entry(hash, |state| state.key == key, |state| state.hash)
+        {
+            hash_table::Entry::Occupied(occupied) => occupied.into_mut(),
+            hash_table::Entry::Vacant(vacant) => {
                 admit_new_key()?;
                 let id = self.next_id;
                 self.next_id += 1;
-                let state = KeyState::new(key, hash, id);
-                self.keys
-                    .insert_unique(hash, state, |state| state.hash)
-                    .into_mut()
+                vacant.insert(KeyState::new(key, hash, id)).into_mut()
             }
         };
 
         if entry.head == NIL && !entry.head_unstarted && entry.holders < limits.permits {
             entry.holders += 1;
             entry.head_unstarted = true;
-            self.in_flight += 1;
+            self.lines.in_flight += 1;
             return Ok((entry.id, Position::Head));
         }
 
@@ -137,7 +145,8 @@ impl<K> Shard<K> {
             return Err(Overloaded::new(Limit::MaxQueuePerKey));
         }
 
-        let node = index(self.waiters.insert(Waiter {
+        let lines = &mut self.lines;
+        let node = index(lines.waiters.insert(Waiter {
             prev: entry.tail,
             next: NIL,
             granted,
@@ -146,16 +155,16 @@ impl<K> Shard<K> {
         if entry.tail == NIL {
             entry.head = node;
         } else {
-            self.waiters[entry.tail as usize].next = node;
+            lines.waiters[entry.tail as usize].next = node;
         }
         entry.tail = node;
         if granted {
             // Only granted waiters are in the line (invariant 2), so the prefix stays whole.
             entry.holders += 1;
-            self.in_flight += 1;
+            lines.in_flight += 1;
         } else {
             entry.queued += 1;
-            self.queued += 1;
+            lines.queued += 1;
             if entry.next_grant == NIL {
                 entry.next_grant = node;
             }
@@ -174,11 +183,11 @@ impl<K> Shard<K> {
         cx: &mut Context<'_>,
     ) -> Poll<()> {
         let entry = find(&mut self.keys, hash, id);
-        let waiter = &mut self.waiters[node as usize];
+        let waiter = &mut self.lines.waiters[node as usize];
         if waiter.granted && entry.head == node && !entry.head_unstarted {
-            entry.unlink(&mut self.waiters, node);
+            entry.unlink(&mut self.lines.waiters, node);
             entry.head_unstarted = true;
-            self.shrink_waiters();
+            self.lines.shrink_waiters();
             return Poll::Ready(());
         }
         match &mut waiter.waker {
@@ -192,7 +201,7 @@ impl<K> Shard<K> {
     pub(super) fn start(&mut self, hash: u64, id: u64) -> Option<Waker> {
         let entry = find(&mut self.keys, hash, id);
         entry.head_unstarted = false;
-        entry.startable_head(&mut self.waiters)
+        entry.startable_head(&mut self.lines.waiters)
     }
 
     /// A claim holding a permit finished or was dropped. `was_head` says whether it was
@@ -204,13 +213,19 @@ impl<K> Shard<K> {
         was_head: bool,
         limits: Limits,
     ) -> (Option<Waker>, Option<K>) {
-        let entry = find(&mut self.keys, hash, id);
+        let mut occupied = find_entry(&mut self.keys, hash, id);
+        let entry = occupied.get_mut();
         entry.holders -= 1;
-        self.in_flight -= 1;
+        self.lines.in_flight -= 1;
         if was_head {
             entry.head_unstarted = false;
         }
-        self.after_change(hash, id, limits)
+        let waker = self.lines.pass_on(entry, limits);
+        let removed = remove_if_idle(occupied);
+        if removed.is_some() {
+            self.shrink_keys();
+        }
+        (waker, removed)
     }
 
     /// A claim still in the line was dropped, granted or not.
@@ -221,53 +236,50 @@ impl<K> Shard<K> {
         node: u32,
         limits: Limits,
     ) -> (Option<Waker>, Option<K>) {
-        let entry = find(&mut self.keys, hash, id);
-        let waiter = entry.unlink(&mut self.waiters, node);
+        let mut occupied = find_entry(&mut self.keys, hash, id);
+        let entry = occupied.get_mut();
+        let waiter = entry.unlink(&mut self.lines.waiters, node);
         if waiter.granted {
             entry.holders -= 1;
-            self.in_flight -= 1;
+            self.lines.in_flight -= 1;
         } else {
             entry.queued -= 1;
-            self.queued -= 1;
+            self.lines.queued -= 1;
         }
-        self.shrink_waiters();
-        self.after_change(hash, id, limits)
+        let waker = self.lines.pass_on(entry, limits);
+        self.lines.shrink_waiters();
+        let removed = remove_if_idle(occupied);
+        if removed.is_some() {
+            self.shrink_keys();
+        }
+        (waker, removed)
     }
 
     /// Number of live keys, claims holding a permit and claims waiting for one.
     pub(super) fn counts(&self) -> (usize, usize, usize) {
-        (self.keys.len(), self.in_flight, self.queued)
-    }
-
-    /// Hands free permits to waiters in call order, then removes the entry if it went idle.
-    /// Returns the waker of a claim that may now start, and the removed key, which the
-    /// caller drops after releasing the lock.
-    fn after_change(&mut self, hash: u64, id: u64, limits: Limits) -> (Option<Waker>, Option<K>) {
-        let entry = find(&mut self.keys, hash, id);
-        let granted = entry.grant(&mut self.waiters, limits.permits);
-        self.in_flight += granted as usize;
-        self.queued -= granted as usize;
-        let waker = entry.startable_head(&mut self.waiters);
-        if entry.holders > 0 || entry.head != NIL {
-            return (waker, None);
-        }
-        let removed = self
-            .keys
-            .find_entry(hash, |state| state.id == id)
-            .ok()
-            .map(|occupied| occupied.remove().0.key);
-        self.shrink_keys();
-        (waker, removed)
+        (self.keys.len(), self.lines.in_flight, self.lines.queued)
     }
 
     /// Returns table memory after a burst. Shrinking only once the table is a quarter
     /// full keeps a key count that hovers around one size from reallocating each call.
+    #[inline]
     fn shrink_keys(&mut self) {
         let capacity = self.keys.capacity();
         if capacity > RETAINED_KEYS && self.keys.len() * 4 <= capacity {
             let target = (self.keys.len() * 2).max(RETAINED_KEYS);
             self.keys.shrink_to(target, |state| state.hash);
         }
+    }
+}
+
+impl Lines {
+    /// Hands free permits to waiters in call order. Returns the waker of a claim that
+    /// may now start.
+    fn pass_on<K>(&mut self, entry: &mut KeyState<K>, limits: Limits) -> Option<Waker> {
+        let granted = entry.grant(&mut self.waiters, limits.permits);
+        self.in_flight += granted as usize;
+        self.queued -= granted as usize;
+        entry.startable_head(&mut self.waiters)
     }
 
     /// Returns waiter memory once the shard's lines are empty. Slab indices are held by
@@ -347,6 +359,27 @@ impl<K> KeyState<K> {
 /// The entry a live claim refers to. It exists for as long as the claim does (invariant 4).
 fn find<K>(keys: &mut HashTable<KeyState<K>>, hash: u64, id: u64) -> &mut KeyState<K> {
     keys.find_mut(hash, |state| state.id == id)
+        .expect("a live claim's key entry is present")
+}
+
+/// Removes the entry if nothing holds or waits for its key any more (invariant 4).
+/// The removed key is handed back, to be dropped after the lock is released.
+fn remove_if_idle<K>(occupied: hash_table::OccupiedEntry<'_, KeyState<K>>) -> Option<K> {
+    let entry = occupied.get();
+    if entry.holders > 0 || entry.head != NIL {
+        return None;
+    }
+    Some(occupied.remove().0.key)
+}
+
+/// Like [`find`], keeping the table borrowed so the entry can be removed.
+fn find_entry<K>(
+    keys: &mut HashTable<KeyState<K>>,
+    hash: u64,
+    id: u64,
+) -> hash_table::OccupiedEntry<'_, KeyState<K>> {
+    keys.find_entry(hash, |state| state.id == id)
+        .ok()
         .expect("a live claim's key entry is present")
 }
 
