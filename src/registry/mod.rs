@@ -252,26 +252,38 @@ impl<K> ShardCell<K> {
 
 impl<K> Claim<K> {
     /// Resolves once this claim is the head of its key and may call the inner service.
+    #[inline]
     pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if let ClaimState::Waiting { node, since } = self.state {
-            let turn = self.cell.lock().poll_turn(self.hash, self.id, node, cx);
-            if turn.is_pending() {
-                return Poll::Pending;
-            }
+        match self.state {
+            ClaimState::Holding { .. } => Poll::Ready(()),
+            ClaimState::Waiting { node, since } => self.poll_waiting(node, since, cx),
+        }
+    }
+
+    fn poll_waiting(&mut self, node: u32, since: QueuedAt, cx: &mut Context<'_>) -> Poll<()> {
+        let turn = self.cell.lock().poll_turn(self.hash, self.id, node, cx);
+        if turn.is_ready() {
             trace::admitted(since);
             self.state = ClaimState::Holding { head: true };
         }
-        Poll::Ready(())
+        turn
     }
 
     /// Records that the inner service has been called, so the next claim may start.
+    #[inline]
     pub(crate) fn started(&mut self) {
-        let one_permit = self.cell.limits.permits == 1;
-        if matches!(self.state, ClaimState::Holding { head: true }) && !one_permit {
-            let waker = self.cell.lock().start(self.hash, self.id);
-            self.state = ClaimState::Holding { head: false };
-            wake(waker);
+        // With one permit nobody can be granted while this claim holds the key, so
+        // nobody waits for its start: the mark is cleared when it releases instead.
+        if matches!(self.state, ClaimState::Holding { head: true }) && self.cell.limits.permits > 1
+        {
+            self.notify_started();
         }
+    }
+
+    fn notify_started(&mut self) {
+        let waker = self.cell.lock().start(self.hash, self.id);
+        self.state = ClaimState::Holding { head: false };
+        wake(waker);
     }
 
     /// Out of line, so that dropping a response future without a claim stays cheap.
