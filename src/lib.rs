@@ -75,7 +75,9 @@
 //!    and frees the dropped request's place at once. A panic in the inner service, or a
 //!    timeout around this layer, is such a drop.
 //! 4. **Idle keys cost nothing.** A key's state exists only while a request holds or
-//!    waits for it; the registry's tables shrink back after bursts.
+//!    waits for it, and is removed in the same step that makes the key idle. After a
+//!    burst the registry shrinks back to its idle size: each shard keeps room for a few
+//!    keys and waiters, so that steady traffic does not allocate.
 //! 5. **Bounded on request.** With [`max_queue_per_key`](SyncEngineLayer::max_queue_per_key)
 //!    and [`max_keys`](SyncEngineLayer::max_keys), a request over the limit is rejected
 //!    at once with [`error::Overloaded`]; it waits for nothing and leaves nothing behind.
@@ -91,6 +93,22 @@
 //!   whatever the runtime makes of it.
 //! - **Order across processes.** One layer orders one process's requests; see the
 //!   README for routing by key when you run several.
+//!
+//! # Failure semantics
+//!
+//! - **A handler error or panic releases the key**, and the next request runs, as in
+//!   TornadIO2. The error goes to that request's caller only; a panic unwinds through
+//!   the response future, and dropping it passes the key on.
+//! - **No "fail the rest of the queue" mode.** Akka-style streams fail everything queued
+//!   behind an error. This layer does not: it orders requests and never interprets
+//!   responses, and whether a failed message poisons the ones after it, and when the key
+//!   recovers, is protocol knowledge. A handler that needs it can keep per-key failure
+//!   state and answer the following requests itself, still in order.
+//! - **Dropping every service and the layer does not strand anyone.** Each request
+//!   keeps its shard of the registry alive, so queued requests still run in order as
+//!   the ones ahead of them complete or are dropped.
+//! - **[`Overloaded`](error::Overloaded) says which limit was hit**, through
+//!   [`Overloaded::limit`](error::Overloaded::limit): `max_queue_per_key` or `max_keys`.
 //!
 //! # Readiness and errors
 //!

@@ -10,6 +10,10 @@ mod dispatcher;
 #[path = "../examples/http_session.rs"]
 mod http_session;
 #[allow(dead_code)]
+#[path = "../examples/soak.rs"]
+mod soak;
+mod support;
+#[allow(dead_code)]
 #[path = "../examples/websocket.rs"]
 mod websocket;
 
@@ -224,4 +228,22 @@ async fn websocket_bad_frames_get_error_replies_and_the_connection_stays_up() {
     }
     send_frames(&mut client, &[(9, 0)]).await;
     assert_eq!(reply_seqs(&mut client, 1).await, [9]);
+}
+
+// ---- soak ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scaled_down_soak_keeps_order_and_leaks_nothing() {
+    support::quiet_handler_panics();
+    let summary = soak::run(soak::Config {
+        requests: 200_000,
+        keys: 500,
+        in_flight: 2_000,
+        progress: false,
+    })
+    .await
+    .unwrap();
+    assert_eq!(summary.order_violations, 0);
+    assert_eq!(summary.leaked_keys, 0);
+    assert_eq!(summary.completed, summary.fault_free, "{summary:?}");
 }

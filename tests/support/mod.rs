@@ -152,10 +152,14 @@ pub fn quiet_handler_panics() {
     ONCE.call_once(|| {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let provoked = info
-                .payload()
+            let payload = info.payload();
+            let message = payload
                 .downcast_ref::<String>()
-                .is_some_and(|message| message.starts_with("handler for message"));
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or_default();
+            let provoked =
+                message.starts_with("handler for message") || message.starts_with("injected");
             if !provoked {
                 default(info);
             }
