@@ -164,24 +164,8 @@ fn zero_max_keys_panics_with_the_setting_named() {
     let _ = SyncEngineLayer::new(by_key).max_keys(0);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_settings_method_returns_a_layer_with_a_domain_of_its_own() {
-    let recorder = Recorder::default();
-    let original = SyncEngineLayer::new(by_key);
-    let configured = original.clone().max_queue_per_key(8);
-    let mut a = original.layer(handler(&recorder));
-    let mut b = configured.layer(handler(&recorder));
-    let started = Instant::now();
-    let (x, y) = tokio::join!(a.call(Msg::new(1, 0, 100)), b.call(Msg::new(1, 1, 100)));
-    x.unwrap();
-    y.unwrap();
-    // Same key, yet no waiting: the two layers order independently.
-    assert_eq!(started.elapsed(), Duration::from_millis(100));
-    assert_eq!(recorder.max_running(1), 2);
-}
-
 #[test]
-fn settings_start_a_new_domain_and_debug_shows_them() {
+fn debug_shows_the_settings() {
     let layer = SyncEngineLayer::new(by_key)
         .permits_per_key(3)
         .max_queue_per_key(8)

@@ -190,17 +190,33 @@ async fn a_fresh_clone_per_request_is_still_ordered() {
     assert_eq!(recorder.ends(), [0, 1, 2, 3, 4]);
 }
 
-#[tokio::test(start_paused = true)]
-async fn two_layers_are_independent_domains() {
+/// Sends one request on key 1 through each layer at once and checks that neither
+/// waited for the other.
+async fn assert_independent<P>(a: SyncEngineLayer<P, u64>, b: SyncEngineLayer<P, u64>)
+where
+    P: Fn(&Msg) -> Mode<u64> + Clone,
+{
     let recorder = Recorder::default();
-    let mut a = SyncEngineLayer::new(by_key).layer(handler(&recorder));
-    let mut b = SyncEngineLayer::new(by_key).layer(handler(&recorder));
+    let mut a = a.layer(handler(&recorder));
+    let mut b = b.layer(handler(&recorder));
     let started = Instant::now();
     let (x, y) = tokio::join!(a.call(Msg::new(1, 0, 100)), b.call(Msg::new(1, 1, 100)));
     x.unwrap();
     y.unwrap();
     assert_eq!(started.elapsed(), Duration::from_millis(100));
     assert_eq!(recorder.max_running(1), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_layers_are_independent_domains() {
+    assert_independent(SyncEngineLayer::new(by_key), SyncEngineLayer::new(by_key)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_settings_method_returns_a_layer_with_a_domain_of_its_own() {
+    let original = SyncEngineLayer::new(by_key);
+    let configured = original.clone().max_queue_per_key(8);
+    assert_independent(original, configured).await;
 }
 
 #[tokio::test(start_paused = true)]
