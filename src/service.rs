@@ -32,9 +32,10 @@ use crate::sync::Arc;
 /// only once the request's turn has come, immediately before calling it. This is the
 /// arrangement of tower's `Oneshot` and `Steer` and of axum's `HandleError`.
 ///
-/// A `Mode::Concurrent` call asks the inner service whether it is ready and, if it is,
-/// calls it at once: the response future is then the inner future in a thin wrapper. If
-/// it is not ready, the response future waits for readiness as above, with no key.
+/// A `Mode::Concurrent` call asks the inner service whether it is ready (polling it with
+/// a no-op waker) and, if it is, calls it at once: the response future is then the inner
+/// future in a thin wrapper. If it is not ready, the response future waits for readiness
+/// as above, with its own waker and no key.
 ///
 /// This means:
 ///

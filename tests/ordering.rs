@@ -310,6 +310,21 @@ async fn keys_are_compared_by_value_not_by_hash() {
     assert!(layer.stats().is_idle());
 }
 
+#[tokio::test(start_paused = true)]
+async fn sync_engine_new_makes_a_domain_of_its_own() {
+    let recorder = Recorder::default();
+    let mut service = tower_sync_engine::SyncEngine::new(handler(&recorder), by_key);
+    let calls = [
+        tokio::spawn(service.call(Msg::new(1, 0, 30))),
+        tokio::spawn(service.call(Msg::new(1, 1, 10))),
+    ];
+    assert_eq!(service.stats().queued, 1);
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(recorder.ends(), [0, 1]);
+}
+
 #[tokio::test]
 async fn service_builder_and_oneshot_work() {
     let recorder = Recorder::default();
