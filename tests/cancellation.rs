@@ -220,3 +220,75 @@ async fn oneshot_under_an_outer_deadline_leaves_nothing_behind() {
     assert_eq!(recorder.starts(1), [0]);
     assert!(layer.stats().is_idle());
 }
+
+type Policy = fn(&Msg) -> Mode<u64>;
+
+/// A waker that reads the layer's stats when it is woken or dropped. `stats()` locks
+/// every shard, so if the layer ran executor code under a shard's lock this would
+/// deadlock.
+struct ReentrantWaker {
+    layer: SyncEngineLayer<Policy, u64>,
+    woken: std::sync::atomic::AtomicUsize,
+}
+
+impl std::task::Wake for ReentrantWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        let _ = self.layer.stats();
+        self.woken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for ReentrantWaker {
+    fn drop(&mut self) {
+        let _ = self.layer.stats();
+    }
+}
+
+fn poll_with<F: std::future::Future>(
+    future: std::pin::Pin<&mut F>,
+    probe: &std::sync::Arc<ReentrantWaker>,
+) -> std::task::Poll<F::Output> {
+    let waker = std::task::Waker::from(std::sync::Arc::clone(probe));
+    future.poll(&mut std::task::Context::from_waker(&waker))
+}
+
+#[test]
+fn wakers_are_woken_and_dropped_outside_the_shard_lock() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let layer = SyncEngineLayer::new(by_key as Policy);
+        let mut service = layer.layer(tower::service_fn(|msg: Msg| async move {
+            Ok::<_, tower::BoxError>(msg.seq)
+        }));
+        let probe = || {
+            std::sync::Arc::new(ReentrantWaker {
+                layer: layer.clone(),
+                woken: Default::default(),
+            })
+        };
+        let first = service.call(Msg::new(1, 0, 0));
+        let mut second = Box::pin(service.call(Msg::new(1, 1, 0)));
+        let mut third = Box::pin(service.call(Msg::new(1, 2, 0)));
+        let (a, b, c) = (probe(), probe(), probe());
+        // Registering a new waker drops the old one.
+        assert!(poll_with(second.as_mut(), &a).is_pending());
+        drop(a);
+        assert!(poll_with(second.as_mut(), &b).is_pending());
+        assert!(poll_with(third.as_mut(), &c).is_pending());
+        // The release wakes `second`'s waker; dropping `third` drops its waker.
+        drop(first);
+        assert_eq!(b.woken.load(std::sync::atomic::Ordering::SeqCst), 1);
+        drop(third);
+        drop(c);
+        assert!(poll_with(second.as_mut(), &b).is_ready());
+        assert!(layer.stats().is_idle());
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("a waker ran under a shard lock and deadlocked");
+}

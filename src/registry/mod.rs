@@ -56,6 +56,9 @@
 //!    `Drop`: a queued waiter leaves the line, and a permit (granted while waiting, held
 //!    but never used, or held by a running request) goes to the next waiter. No path
 //!    releases after an `.await`, so cancellation and panics cannot lose a permit.
+//! 6. Executor code never runs under a shard's lock: wakers are woken and dropped, and
+//!    removed keys dropped, after it is released (`shard::Deferred`). A waker whose
+//!    drop or wake re-enters the registry cannot deadlock it.
 //!
 //! With one permit per key, nothing can be granted while the head holds the key, so the
 //! head skips telling the shard that it started and clears its mark when it releases.
@@ -65,7 +68,7 @@ mod shard;
 
 use std::hash::{BuildHasher, Hash};
 use std::num::NonZeroUsize;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use self::shard::{Limits, Position, Shard};
 use crate::error::{Limit, Overloaded};
@@ -261,7 +264,8 @@ impl<K> Claim<K> {
     }
 
     fn poll_waiting(&mut self, node: u32, since: QueuedAt, cx: &mut Context<'_>) -> Poll<()> {
-        let turn = self.cell.lock().poll_turn(self.hash, self.id, node, cx);
+        let (turn, deferred) = self.cell.lock().poll_turn(self.hash, self.id, node, cx);
+        deferred.run();
         if turn.is_ready() {
             trace::admitted(since);
             self.state = ClaimState::Holding { head: true };
@@ -281,9 +285,9 @@ impl<K> Claim<K> {
     }
 
     fn notify_started(&mut self) {
-        let waker = self.cell.lock().start(self.hash, self.id);
+        let deferred = self.cell.lock().start(self.hash, self.id);
         self.state = ClaimState::Holding { head: false };
-        wake(waker);
+        deferred.run();
     }
 
     /// Out of line, so that dropping a response future without a claim stays cheap.
@@ -291,31 +295,24 @@ impl<K> Claim<K> {
     fn give_up(&mut self) {
         let cell = &*self.cell;
         let mut shard = cell.lock();
-        let (waker, removed_key) = match self.state {
+        let deferred = match self.state {
             ClaimState::Waiting { node, .. } => {
                 shard.abandon(self.hash, self.id, node, cell.limits)
             }
             ClaimState::Holding { head } => shard.release(self.hash, self.id, head, cell.limits),
         };
-        if let (Some(_), Some(count)) = (&removed_key, &cell.key_count) {
+        if let (Some(_), Some(count)) = (&deferred.removed_key, &cell.key_count) {
+            // Under the lock, so that the count never runs ahead of the entries.
             count.live.fetch_sub(1, Ordering::Relaxed);
         }
         drop(shard);
-        // User code (the key's and the waker's) runs only after the lock is released.
-        drop(removed_key);
-        wake(waker);
+        deferred.run();
     }
 }
 
 impl<K> Drop for Claim<K> {
     fn drop(&mut self) {
         self.give_up();
-    }
-}
-
-fn wake(waker: Option<Waker>) {
-    if let Some(waker) = waker {
-        waker.wake();
     }
 }
 

@@ -1,8 +1,10 @@
 //! One shard of the registry: the keys that hash to it and their waiting lines.
 //!
-//! Everything here runs under the shard's lock, and none of it blocks or calls user code
-//! other than `K: Eq` (during a lookup) and the `Drop` of values the caller takes back
-//! out of the lock. See the parent module for the algorithm and its invariants.
+//! Everything here runs under the shard's lock and none of it blocks. The only foreign
+//! code it runs is `K: Eq` during a lookup (which changes nothing) and the drop of a key
+//! that a rejected or redundant `call()` brought. Wakers are woken and dropped, and
+//! removed keys dropped, by the caller after the lock is released: see [`Deferred`].
+//! See the parent module for the algorithm and its invariants.
 
 use std::task::{Context, Poll, Waker};
 
@@ -87,6 +89,36 @@ pub(super) enum Position {
     /// It waits in the line at `node`; `depth` requests of its key (itself included)
     /// now wait for a permit.
     Waiting { node: u32, depth: u32 },
+}
+
+/// What a shard operation leaves for after the lock is released, so that no executor
+/// code (waking or dropping a waker) and no key's `Drop` runs under the lock.
+#[must_use = "run it once the shard's lock is released"]
+pub(super) struct Deferred<K> {
+    /// A claim that may start now.
+    pub(super) wake: Option<Waker>,
+    /// The key of an entry that went idle and was removed.
+    pub(super) removed_key: Option<K>,
+    /// A waker that was replaced or whose waiter left the line.
+    stale: Option<Waker>,
+}
+
+impl<K> Deferred<K> {
+    fn new(wake: Option<Waker>, removed_key: Option<K>, stale: Option<Waker>) -> Self {
+        Deferred {
+            wake,
+            removed_key,
+            stale,
+        }
+    }
+
+    pub(super) fn run(self) {
+        drop(self.removed_key);
+        drop(self.stale);
+        if let Some(waker) = self.wake {
+            waker.wake();
+        }
+    }
 }
 
 impl<K> Default for Shard<K> {
@@ -181,27 +213,27 @@ impl<K> Shard<K> {
         id: u64,
         node: u32,
         cx: &mut Context<'_>,
-    ) -> Poll<()> {
+    ) -> (Poll<()>, Deferred<K>) {
         let entry = find(&mut self.keys, hash, id);
         let waiter = &mut self.lines.waiters[node as usize];
         if waiter.granted && entry.head == node && !entry.head_unstarted {
-            entry.unlink(&mut self.lines.waiters, node);
+            let waiter = entry.unlink(&mut self.lines.waiters, node);
             entry.head_unstarted = true;
             self.lines.shrink_waiters();
-            return Poll::Ready(());
+            return (Poll::Ready(()), Deferred::new(None, None, waiter.waker));
         }
-        match &mut waiter.waker {
-            Some(waker) if waker.will_wake(cx.waker()) => {}
-            slot => *slot = Some(cx.waker().clone()),
-        }
-        Poll::Pending
+        let stale = match &waiter.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => None,
+            _ => waiter.waker.replace(cx.waker().clone()),
+        };
+        (Poll::Pending, Deferred::new(None, None, stale))
     }
 
     /// The unstarted head has called the inner service: the next claim may start.
-    pub(super) fn start(&mut self, hash: u64, id: u64) -> Option<Waker> {
+    pub(super) fn start(&mut self, hash: u64, id: u64) -> Deferred<K> {
         let entry = find(&mut self.keys, hash, id);
         entry.head_unstarted = false;
-        entry.startable_head(&mut self.lines.waiters)
+        Deferred::new(entry.startable_head(&mut self.lines.waiters), None, None)
     }
 
     /// A claim holding a permit finished or was dropped. `was_head` says whether it was
@@ -212,7 +244,7 @@ impl<K> Shard<K> {
         id: u64,
         was_head: bool,
         limits: Limits,
-    ) -> (Option<Waker>, Option<K>) {
+    ) -> Deferred<K> {
         let mut occupied = find_entry(&mut self.keys, hash, id);
         let entry = occupied.get_mut();
         entry.holders -= 1;
@@ -225,17 +257,11 @@ impl<K> Shard<K> {
         if removed.is_some() {
             self.shrink_keys();
         }
-        (waker, removed)
+        Deferred::new(waker, removed, None)
     }
 
     /// A claim still in the line was dropped, granted or not.
-    pub(super) fn abandon(
-        &mut self,
-        hash: u64,
-        id: u64,
-        node: u32,
-        limits: Limits,
-    ) -> (Option<Waker>, Option<K>) {
+    pub(super) fn abandon(&mut self, hash: u64, id: u64, node: u32, limits: Limits) -> Deferred<K> {
         let mut occupied = find_entry(&mut self.keys, hash, id);
         let entry = occupied.get_mut();
         let waiter = entry.unlink(&mut self.lines.waiters, node);
@@ -252,7 +278,7 @@ impl<K> Shard<K> {
         if removed.is_some() {
             self.shrink_keys();
         }
-        (waker, removed)
+        Deferred::new(waker, removed, waiter.waker)
     }
 
     /// Number of live keys, claims holding a permit and claims waiting for one.
