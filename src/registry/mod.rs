@@ -264,8 +264,8 @@ impl<K> Claim<K> {
     }
 
     fn poll_waiting(&mut self, node: u32, since: QueuedAt, cx: &mut Context<'_>) -> Poll<()> {
-        let (turn, deferred) = self.cell.lock().poll_turn(self.hash, self.id, node, cx);
-        deferred.run();
+        let (turn, stale) = self.cell.lock().poll_turn(self.hash, self.id, node, cx);
+        drop(stale);
         if turn.is_ready() {
             trace::admitted(since);
             self.state = ClaimState::Holding { head: true };

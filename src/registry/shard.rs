@@ -207,26 +207,28 @@ impl<K> Shard<K> {
 
     /// Checks whether the waiter at `node` may start; if so it leaves the line and
     /// becomes the unstarted head. Otherwise its waker is stored for the hand-off.
+    ///
+    /// Also returns the waker it no longer needs, for the caller to drop after unlocking.
     pub(super) fn poll_turn(
         &mut self,
         hash: u64,
         id: u64,
         node: u32,
         cx: &mut Context<'_>,
-    ) -> (Poll<()>, Deferred<K>) {
+    ) -> (Poll<()>, Option<Waker>) {
         let entry = find(&mut self.keys, hash, id);
         let waiter = &mut self.lines.waiters[node as usize];
         if waiter.granted && entry.head == node && !entry.head_unstarted {
             let waiter = entry.unlink(&mut self.lines.waiters, node);
             entry.head_unstarted = true;
             self.lines.shrink_waiters();
-            return (Poll::Ready(()), Deferred::new(None, None, waiter.waker));
+            return (Poll::Ready(()), waiter.waker);
         }
         let stale = match &waiter.waker {
             Some(waker) if waker.will_wake(cx.waker()) => None,
             _ => waiter.waker.replace(cx.waker().clone()),
         };
-        (Poll::Pending, Deferred::new(None, None, stale))
+        (Poll::Pending, stale)
     }
 
     /// The unstarted head has called the inner service: the next claim may start.
