@@ -112,8 +112,8 @@ pub(crate) struct Registry<K, H> {
 
 /// A shard and what its claims need besides it. Aligned so that no two shards, and no
 /// shard and its reference count, share a pair of cache lines (x86 prefetches lines in
-/// pairs).
-#[repr(align(128))]
+/// pairs); `repr(C)` keeps the shard's hot line first (see `Shard`).
+#[repr(C, align(128))]
 struct ShardCell<K> {
     shard: Mutex<Shard<K>>,
     limits: Limits,

@@ -25,6 +25,11 @@ const RETAINED_KEYS: usize = 3;
 const RETAINED_WAITERS: usize = 4;
 
 /// The state of every live key that hashes to this shard.
+///
+/// `repr(C)` keeps what every request writes (the lock word before it, the table's
+/// header, `next_id`, `in_flight`) on one cache line, apart from the waiter slab that
+/// only contended keys touch and the limits every request reads.
+#[repr(C)]
 pub(super) struct Shard<K> {
     keys: HashTable<KeyState<K>>,
     /// Identifies a key's entry for the lifetime of that entry. A claim finds its entry
@@ -36,14 +41,15 @@ pub(super) struct Shard<K> {
 
 /// The waiting lines of a shard's keys, and its counts. Kept apart from the key table
 /// so that both can be borrowed at once.
+#[repr(C)]
 struct Lines {
-    /// Nodes of every line in this shard. A waiter's index is stable for its lifetime,
-    /// which gives O(1) removal when a queued request is dropped.
-    waiters: Slab<Waiter>,
     /// Sum of `holders` over this shard's keys.
     in_flight: usize,
     /// Sum of `queued` over this shard's keys.
     queued: usize,
+    /// Nodes of every line in this shard. A waiter's index is stable for its lifetime,
+    /// which gives O(1) removal when a queued request is dropped.
+    waiters: Slab<Waiter>,
 }
 
 /// One live key.
@@ -127,9 +133,9 @@ impl<K> Default for Shard<K> {
             keys: HashTable::new(),
             next_id: 0,
             lines: Lines {
-                waiters: Slab::new(),
                 in_flight: 0,
                 queued: 0,
+                waiters: Slab::new(),
             },
         }
     }
