@@ -5,11 +5,11 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Event, Msg, Recorder, handler};
+use support::{Event, Handler, Msg, Recorder, handler};
 use tokio::time::Instant;
 use tokio_test::{assert_pending, assert_ready_ok, task};
 use tower::{Layer, Service, ServiceExt};
-use tower_sync_engine::{Mode, SyncEngineLayer};
+use tower_sync_engine::{Mode, SyncEngine, SyncEngineLayer};
 
 fn by_key(msg: &Msg) -> Mode<u64> {
     Mode::Sync(msg.key)
@@ -310,10 +310,11 @@ async fn keys_are_compared_by_value_not_by_hash() {
     assert!(layer.stats().is_idle());
 }
 
-#[tokio::test(start_paused = true)]
-async fn sync_engine_new_makes_a_domain_of_its_own() {
-    let recorder = Recorder::default();
-    let mut service = tower_sync_engine::SyncEngine::new(handler(&recorder), by_key);
+/// Sends a slow message and then a fast one on one key; the slow one must finish first.
+async fn assert_orders_one_key<P>(mut service: SyncEngine<Handler, P, u64>, recorder: &Recorder)
+where
+    P: Fn(&Msg) -> Mode<u64>,
+{
     let calls = [
         tokio::spawn(service.call(Msg::new(1, 0, 30))),
         tokio::spawn(service.call(Msg::new(1, 1, 10))),
@@ -323,6 +324,13 @@ async fn sync_engine_new_makes_a_domain_of_its_own() {
         call.await.unwrap().unwrap();
     }
     assert_eq!(recorder.ends(), [0, 1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sync_engine_new_makes_a_domain_of_its_own() {
+    let recorder = Recorder::default();
+    let service = SyncEngine::new(handler(&recorder), by_key);
+    assert_orders_one_key(service, &recorder).await;
 }
 
 #[tokio::test]
@@ -350,16 +358,8 @@ async fn service_builder_ext_adds_the_layer() {
     use tower_sync_engine::ServiceBuilderExt;
 
     let recorder = Recorder::default();
-    let mut service = tower::ServiceBuilder::new()
+    let service = tower::ServiceBuilder::new()
         .sync_engine(by_key)
         .service(handler(&recorder));
-    let calls = [
-        tokio::spawn(service.call(Msg::new(1, 0, 30))),
-        tokio::spawn(service.call(Msg::new(1, 1, 10))),
-    ];
-    assert_eq!(service.stats().queued, 1);
-    for call in calls {
-        call.await.unwrap().unwrap();
-    }
-    assert_eq!(recorder.ends(), [0, 1]);
+    assert_orders_one_key(service, &recorder).await;
 }
