@@ -4,7 +4,6 @@ use tower::ServiceBuilder;
 use tower_layer::Stack;
 
 use crate::layer::SyncEngineLayer;
-use crate::mode::Mode;
 
 mod sealed {
     pub trait Sealed<L> {}
@@ -29,7 +28,8 @@ mod sealed {
 ///     .service(service_fn(|msg: Message| async move {
 ///         Ok::<_, tower::BoxError>(msg.connection_id)
 ///     }));
-/// # drop(service);
+/// # fn assert_service<S: tower::Service<Message>>(_: S) {}
+/// # assert_service(service);
 /// ```
 ///
 /// For settings such as `max_queue_per_key`, build the layer and add it with
@@ -37,16 +37,11 @@ mod sealed {
 pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     /// Orders requests with [`SyncEngineLayer::new(policy)`](SyncEngineLayer::new):
     /// a new ordering domain with default settings.
-    fn sync_engine<P, K, Req>(self, policy: P) -> ServiceBuilder<Stack<SyncEngineLayer<P, K>, L>>
-    where
-        P: Fn(&Req) -> Mode<K>;
+    fn sync_engine<P, K>(self, policy: P) -> ServiceBuilder<Stack<SyncEngineLayer<P, K>, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
-    fn sync_engine<P, K, Req>(self, policy: P) -> ServiceBuilder<Stack<SyncEngineLayer<P, K>, L>>
-    where
-        P: Fn(&Req) -> Mode<K>,
-    {
+    fn sync_engine<P, K>(self, policy: P) -> ServiceBuilder<Stack<SyncEngineLayer<P, K>, L>> {
         self.layer(SyncEngineLayer::new(policy))
     }
 }

@@ -5,41 +5,50 @@ use std::hash::RandomState;
 
 use tower_layer::Layer;
 
-use crate::mode::Mode;
-use crate::registry::{Config, Registry};
+use crate::registry::{Registry, Settings};
 use crate::service::SyncEngine;
 use crate::stats::Stats;
 use crate::sync::Arc;
 
-/// Applies [`SyncEngine`] to services: one ordering domain per layer value.
+/// Applies [`SyncEngine`] to services: one layer value is one ordering domain.
 ///
-/// Every service this layer builds, and every clone of those services, shares one
-/// registry of keys. That is what makes the layer work under axum, which applies a layer
-/// once per route and clones the service for every request. Clones of the layer share
-/// the domain too; two calls of [`SyncEngineLayer::new`] make two independent domains.
+/// Every service this layer builds, and every clone of the layer and of those services,
+/// shares one registry of keys. That is what makes the layer work under axum, which
+/// applies a layer once per route and clones the service for every request. Two calls
+/// of [`SyncEngineLayer::new`] make two independent domains.
 ///
-/// The settings methods below return a layer with a **new** ordering domain: configure
-/// the layer first, then clone it or build services with it.
+/// The settings belong to the domain: set them right after `new`, before the layer is
+/// cloned or builds a service. Calling a setter later panics, because clones and services
+/// already share the domain and would not see the change.
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower::{ServiceBuilder, service_fn};
+/// use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 /// use tower_sync_engine::{Mode, SyncEngineLayer};
 ///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower::BoxError> {
 /// struct Message { connection_id: u64, body: String }
 ///
 /// let layer = SyncEngineLayer::new(|msg: &Message| Mode::Sync(msg.connection_id))
 ///     .permits_per_key(1)
 ///     .max_queue_per_key(1024)
 ///     .max_keys(100_000);
-/// let service = ServiceBuilder::new()
+/// let mut service = ServiceBuilder::new()
 ///     .layer(layer.clone())
 ///     .timeout(Duration::from_secs(5))
 ///     .service(service_fn(|msg: Message| async move {
 ///         Ok::<_, tower::BoxError>(msg.body.len())
 ///     }));
+///
+/// let first = service.ready().await?.call(Message { connection_id: 1, body: "hi".into() });
+/// let second = service.ready().await?.call(Message { connection_id: 1, body: "you".into() });
+/// // The clone kept outside sees the domain the service works in.
+/// assert_eq!((layer.stats().in_flight, layer.stats().queued), (1, 1));
+/// assert_eq!((first.await?, second.await?), (2, 3));
 /// assert!(layer.stats().is_idle());
-/// # drop(service);
+/// # Ok(())
+/// # }
 /// ```
 pub struct SyncEngineLayer<P, K, H = RandomState> {
     policy: P,
@@ -48,79 +57,85 @@ pub struct SyncEngineLayer<P, K, H = RandomState> {
 
 impl<P, K> SyncEngineLayer<P, K> {
     /// Creates a layer with a new ordering domain that classifies each request with
-    /// `policy`.
+    /// `policy`: any `Fn(&Req) -> Mode<K>`, or another [`Policy`](crate::Policy).
     ///
     /// Defaults: one permit per key, unbounded queues, unbounded keys, and std's
     /// [`RandomState`] hasher, which resists HashDoS when keys come from clients.
-    pub fn new<Req>(policy: P) -> Self
-    where
-        P: Fn(&Req) -> Mode<K>,
-    {
+    pub fn new(policy: P) -> Self {
         SyncEngineLayer {
             policy,
-            registry: Arc::new(Registry::new(Config::default(), RandomState::new())),
+            registry: Arc::new(Registry::new(RandomState::new())),
         }
     }
 }
 
 impl<P, K, H> SyncEngineLayer<P, K, H> {
-    /// Uses `hasher` to spread keys over the registry, in a new ordering domain.
+    /// Uses `hasher` to spread keys over the registry.
     ///
     /// Keys often come from clients; keep a DoS-resistant hasher (the default) unless
-    /// keys are trusted or `max_keys` bounds the damage.
+    /// keys are trusted. A fast seeded hasher such as foldhash saves a few nanoseconds per
+    /// request. An identity or integer hasher (nohash-style, for integer ids) works too:
+    /// keys spread over the registry as long as the hasher's low bits differ between
+    /// keys. A hasher, or a key whose `Hash`, gives every key the same value makes each
+    /// request compare its key with every live key, linear in the number of live keys;
+    /// [`max_keys`](Self::max_keys) bounds that cost.
+    ///
+    /// # Panics
+    ///
+    /// If the layer has been cloned or has built a service already (see the type's docs).
     pub fn with_hasher<H2>(self, hasher: H2) -> SyncEngineLayer<P, K, H2> {
+        let registry = Arc::try_unwrap(self.registry)
+            .ok()
+            .and_then(|registry| registry.with_hasher(hasher))
+            .unwrap_or_else(|| already_shared("with_hasher"));
         SyncEngineLayer {
             policy: self.policy,
-            registry: Arc::new(Registry::new(self.registry.config(), hasher)),
+            registry: Arc::new(registry),
         }
     }
 
     /// How many requests with the same key may run at once (default 1). They are still
     /// started in call order.
     ///
-    /// Returns a layer with a new ordering domain.
-    ///
     /// # Panics
     ///
-    /// If `permits` is 0 or greater than `u32::MAX`.
-    pub fn permits_per_key(self, permits: usize) -> Self
-    where
-        H: Clone,
-    {
-        assert!(
-            permits >= 1 && u32::try_from(permits).is_ok(),
-            "permits_per_key must be between 1 and u32::MAX, got {permits}"
-        );
-        self.reconfigure(|config| config.permits_per_key = permits)
+    /// If `permits` is 0 or greater than `u32::MAX`, or if the layer has been cloned or
+    /// has built a service already.
+    pub fn permits_per_key(mut self, permits: usize) -> Self {
+        let permits = u32::try_from(permits)
+            .ok()
+            .filter(|&permits| permits >= 1)
+            .unwrap_or_else(|| {
+                panic!("permits_per_key must be between 1 and u32::MAX, got {permits}")
+            });
+        self.settings_mut("permits_per_key").permits_per_key = permits;
+        self
     }
 
     /// How many requests may wait for a busy key (default: unbounded). A request that
     /// would wait beyond this gets [`Overloaded`](crate::error::Overloaded) at once and
     /// leaves no trace. 0 means a request whose key is busy is always rejected.
     ///
-    /// Returns a layer with a new ordering domain.
-    pub fn max_queue_per_key(self, max: usize) -> Self
-    where
-        H: Clone,
-    {
-        self.reconfigure(|config| config.max_queue_per_key = Some(max))
+    /// # Panics
+    ///
+    /// If the layer has been cloned or has built a service already.
+    pub fn max_queue_per_key(mut self, max: usize) -> Self {
+        self.settings_mut("max_queue_per_key").max_queue_per_key = max;
+        self
     }
 
     /// How many keys may be live at once (default: unbounded). A request for a key that is
     /// not live while `max` keys are gets [`Overloaded`](crate::error::Overloaded) at once;
     /// requests for live keys are unaffected.
     ///
-    /// Returns a layer with a new ordering domain.
-    ///
     /// # Panics
     ///
-    /// If `max` is 0, which would reject every `Mode::Sync` request.
-    pub fn max_keys(self, max: usize) -> Self
-    where
-        H: Clone,
-    {
+    /// If `max` is 0, which would reject every `Mode::Sync` request, or if the layer has
+    /// been cloned or has built a service already.
+    pub fn max_keys(mut self, max: usize) -> Self {
         assert!(max >= 1, "max_keys must be at least 1, got 0");
-        self.reconfigure(|config| config.max_keys = Some(max))
+        self.settings_mut("max_keys").max_keys = max;
+        self
     }
 
     /// Current counts of this layer's ordering domain.
@@ -128,24 +143,26 @@ impl<P, K, H> SyncEngineLayer<P, K, H> {
         self.registry.stats()
     }
 
-    fn reconfigure(self, change: impl FnOnce(&mut Config)) -> Self
-    where
-        H: Clone,
-    {
-        let mut config = self.registry.config();
-        change(&mut config);
-        let hasher = self.registry.hasher().clone();
-        SyncEngineLayer {
-            policy: self.policy,
-            registry: Arc::new(Registry::new(config, hasher)),
-        }
+    fn settings_mut(&mut self, setting: &str) -> &mut Settings {
+        Arc::get_mut(&mut self.registry)
+            .and_then(Registry::settings_mut)
+            .unwrap_or_else(|| already_shared(setting))
     }
+}
+
+fn already_shared(setting: &str) -> ! {
+    panic!(
+        "SyncEngineLayer::{setting} called on a layer that is cloned or in use: \
+         configure the layer before cloning it or building services, because they all \
+         share one ordering domain"
+    )
 }
 
 impl<S, P: Clone, K, H> Layer<S> for SyncEngineLayer<P, K, H> {
     type Service = SyncEngine<S, P, K, H>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        self.registry.build();
         SyncEngine::from_parts(inner, self.policy.clone(), Arc::clone(&self.registry))
     }
 }
@@ -162,7 +179,7 @@ impl<P: Clone, K, H> Clone for SyncEngineLayer<P, K, H> {
 impl<P, K, H> fmt::Debug for SyncEngineLayer<P, K, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SyncEngineLayer")
-            .field("registry", &self.registry)
+            .field("settings", self.registry.settings())
             .finish_non_exhaustive()
     }
 }

@@ -194,17 +194,20 @@ pub mod error;
 mod future;
 mod layer;
 mod mode;
+mod policy;
 mod registry;
 mod service;
 mod stats;
 mod sync;
 mod trace;
+mod turn;
 
 #[cfg(feature = "builder")]
 pub use self::builder::ServiceBuilderExt;
 pub use self::future::ResponseFuture;
 pub use self::layer::SyncEngineLayer;
 pub use self::mode::Mode;
+pub use self::policy::Policy;
 pub use self::service::SyncEngine;
 pub use self::stats::Stats;
 

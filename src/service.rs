@@ -4,25 +4,43 @@
 
 use std::fmt;
 use std::hash::{BuildHasher, Hash, RandomState};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
-use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::error::BoxError;
 use crate::future::ResponseFuture;
-use crate::layer::SyncEngineLayer;
-use crate::mode::Mode;
+use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::stats::Stats;
 use crate::sync::Arc;
+use crate::turn::Turn;
 
 /// Runs `Mode::Sync` requests with the same key one at a time (or `permits_per_key` at a
 /// time), in the order of `call()`; passes `Mode::Concurrent` requests straight through.
 ///
-/// Built by [`SyncEngineLayer`]. Every service built by one layer value, and every clone
-/// of those services, shares that layer's ordering domain. See the [crate docs](crate)
+/// Built by [`SyncEngineLayer`](crate::SyncEngineLayer), or by [`SyncEngine::new`] for a
+/// domain of its own. Every service built by one layer value, and every clone of those
+/// services, shares that layer's ordering domain. See the [crate docs](crate#guarantees)
 /// for the guarantees.
+///
+/// ```
+/// use tower::{Service, ServiceExt, service_fn};
+/// use tower_sync_engine::{Mode, SyncEngine};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower::BoxError> {
+/// struct Edit { document: String, text: String }
+///
+/// let save = service_fn(|edit: Edit| async move { Ok::<_, tower::BoxError>(edit.text.len()) });
+/// let mut service = SyncEngine::new(save, |edit: &Edit| Mode::Sync(edit.document.clone()));
+///
+/// let edit = Edit { document: "notes".into(), text: "hello".into() };
+/// assert_eq!(service.ready().await?.call(edit).await?, 5);
+/// assert!(service.stats().is_idle());
+/// # Ok(())
+/// # }
+/// ```
 ///
 /// # Readiness
 ///
@@ -56,15 +74,15 @@ impl<S, P, K> SyncEngine<S, P, K> {
     ///
     /// Equivalent to `SyncEngineLayer::new(policy).layer(inner)`; use the layer to share
     /// one domain between several services or to change the settings.
-    pub fn new<Req>(inner: S, policy: P) -> Self
-    where
-        P: Fn(&Req) -> Mode<K> + Clone,
-    {
-        SyncEngineLayer::new(policy).layer(inner)
+    pub fn new(inner: S, policy: P) -> Self {
+        let registry = Registry::new(RandomState::new());
+        registry.build();
+        SyncEngine::from_parts(inner, policy, Arc::new(registry))
     }
 }
 
 impl<S, P, K, H> SyncEngine<S, P, K, H> {
+    /// A service in the domain of `registry`, which is built already.
     pub(crate) fn from_parts(inner: S, policy: P, registry: Arc<Registry<K, H>>) -> Self {
         SyncEngine {
             inner,
@@ -98,7 +116,7 @@ impl<S, P, K, H, Req> Service<Req> for SyncEngine<S, P, K, H>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
-    P: Fn(&Req) -> Mode<K>,
+    P: Policy<Req, Key = K>,
     K: Hash + Eq,
     H: BuildHasher,
 {
@@ -115,46 +133,14 @@ where
     /// Classifies the request and, for `Mode::Sync`, takes its place in its key's line
     /// before returning. A request over a configured limit gets a future that resolves
     /// at once to [`Overloaded`](crate::error::Overloaded).
+    #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
-        match (self.policy)(&request) {
-            Mode::Concurrent => self.call_concurrent(request),
-            Mode::Sync(key) => match self.registry.claim(key) {
-                Ok(claim) => ResponseFuture::waiting(self.take_inner(), request, Some(claim)),
-                Err(overloaded) => ResponseFuture::rejected(overloaded),
-            },
-        }
-    }
-}
-
-impl<S, P, K, H> SyncEngine<S, P, K, H> {
-    /// Passes a `Mode::Concurrent` request straight to the inner service when it is ready,
-    /// which most services are at once. Asking without a waker is enough to find out; a
-    /// service that is not ready goes into the response future, which asks again with
-    /// the task's own waker.
-    fn call_concurrent<Req>(&mut self, request: Req) -> ResponseFuture<S, Req, K>
-    where
-        S: Service<Req> + Clone,
-        S::Error: Into<BoxError>,
-    {
-        match self
-            .inner
-            .poll_ready(&mut Context::from_waker(Waker::noop()))
-        {
-            Poll::Ready(Ok(())) => ResponseFuture::called(self.inner.call(request)),
-            Poll::Ready(Err(error)) => ResponseFuture::failed(error),
-            Poll::Pending => ResponseFuture::waiting(self.take_inner(), request, None),
-        }
-    }
-
-    /// Takes the service's handle on the inner service for a response future, leaving a
-    /// clone in its place (see "Be careful when cloning inner services" in
-    /// tower-service's docs).
-    fn take_inner(&mut self) -> S
-    where
-        S: Clone,
-    {
-        let clone = self.inner.clone();
-        std::mem::replace(&mut self.inner, clone)
+        ResponseFuture::new(Turn::start(
+            &mut self.inner,
+            &self.policy,
+            &self.registry,
+            request,
+        ))
     }
 }
 

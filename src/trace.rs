@@ -5,8 +5,8 @@
 //! clock reads. A request that has to wait emits, at `DEBUG` level with target
 //! `tower_sync_engine`:
 //!
-//! - `queued`, with `queue_depth`: how many requests of its key wait for a permit,
-//!   itself included;
+//! - `queued`, with `queue_depth`: how many requests of its key are in its line, waiting
+//!   for their turn, itself included (so at least 1);
 //! - `admitted`, with `waited_us`: microseconds from `call()` until its turn came, on
 //!   tokio's clock (so a paused clock in tests gives exact values).
 
@@ -20,6 +20,10 @@ mod imp {
     /// When a request joined its key's line, if anyone listens.
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct QueuedAt(Option<Instant>);
+
+    impl QueuedAt {
+        pub(crate) const NOT_TRACED: QueuedAt = QueuedAt(None);
+    }
 
     pub(crate) fn queued(depth: u32) -> QueuedAt {
         if !tracing::enabled!(target: "tower_sync_engine", Level::DEBUG) {
@@ -50,6 +54,10 @@ mod imp {
 mod imp {
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct QueuedAt;
+
+    impl QueuedAt {
+        pub(crate) const NOT_TRACED: QueuedAt = QueuedAt;
+    }
 
     pub(crate) fn queued(_depth: u32) -> QueuedAt {
         QueuedAt

@@ -212,11 +212,46 @@ async fn two_layers_are_independent_domains() {
     assert_independent(SyncEngineLayer::new(by_key), SyncEngineLayer::new(by_key)).await;
 }
 
+#[test]
+#[should_panic(
+    expected = "SyncEngineLayer::max_queue_per_key called on a layer that is cloned or in use"
+)]
+fn a_setting_on_a_cloned_layer_panics_instead_of_splitting_the_domain() {
+    let original = SyncEngineLayer::<_, u64>::new(by_key);
+    let _clone = original.clone();
+    let _ = original.max_queue_per_key(8);
+}
+
+#[test]
+#[should_panic(
+    expected = "SyncEngineLayer::permits_per_key called on a layer that is cloned or in use"
+)]
+fn a_setting_on_a_layer_in_use_panics() {
+    let recorder = Recorder::default();
+    let layer = SyncEngineLayer::<_, u64>::new(by_key);
+    let service = layer.layer(handler(&recorder));
+    drop(service);
+    // The domain was built for the service; its shards may still be held by requests.
+    let _ = layer.permits_per_key(2);
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_settings_method_returns_a_layer_with_a_domain_of_its_own() {
-    let original = SyncEngineLayer::new(by_key);
-    let configured = original.clone().max_queue_per_key(8);
-    assert_independent(original, configured).await;
+async fn clones_of_a_configured_layer_share_its_domain_and_settings() {
+    let recorder = Recorder::default();
+    let layer = SyncEngineLayer::new(by_key).max_queue_per_key(1);
+    let mut a = layer.clone().layer(handler(&recorder));
+    let mut b = layer.clone().layer(handler(&recorder));
+    let running = tokio::spawn(a.call(Msg::new(1, 0, 10)));
+    let queued = tokio::spawn(b.call(Msg::new(1, 1, 10)));
+    // The queue of one is shared: a third request on either service is rejected.
+    let error = a.call(Msg::new(1, 2, 10)).await.unwrap_err();
+    assert!(
+        error.is::<tower_sync_engine::error::Overloaded>(),
+        "{error}"
+    );
+    running.await.unwrap().unwrap();
+    queued.await.unwrap().unwrap();
+    assert_eq!(recorder.starts(1), [0, 1]);
 }
 
 #[tokio::test(start_paused = true)]

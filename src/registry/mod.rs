@@ -9,42 +9,42 @@
 //! change it. An async primitive such as `tokio::sync::Semaphore` enqueues a waiter on
 //! its first poll instead, which is why none is used here.
 //!
-//! Keys are spread over a fixed number of shards by their hash; each shard is a
-//! `Mutex` around a hash table of live keys and a slab of waiter nodes. The hash is
-//! computed once, outside the lock, and kept by the claim, so a finishing request finds
-//! its key again without hashing or comparing keys. Different keys in different shards
-//! never contend.
+//! The key's hash is computed once, outside any lock, and stirred (`spread`) so that
+//! every bit depends on the low bits of the hasher's output. Keys are spread over a fixed
+//! number of shards by bits of that value that the shard's own table does not use; each
+//! shard is a `Mutex` around a hash table of live keys. A claim keeps the hash, the id
+//! of its key's entry and the bucket the entry sat in, so a finishing request finds its
+//! entry again without hashing or comparing keys, usually without probing.
 //!
 //! Each shard is reference-counted on its own and a claim keeps only its shard alive,
 //! so requests on different shards share no cache line at all: not a lock, not a
-//! reference count. The registry-wide key count behind `max_keys` exists only when that
-//! limit is set, and is touched only when a key is created or removed.
+//! reference count. The domain-wide key count behind `max_keys` exists only when that
+//! limit is set, and is touched only when a key's entry is created or removed.
 //!
 //! Per key the shard keeps:
 //!
 //! - `holders`: claims holding one of the key's `permits` (whether started or not);
-//! - the *line*: claims that have not called the inner service yet, in call order, as a
-//!   doubly linked list threaded through the shard's slab, so a dropped waiter leaves in
-//!   O(1). A prefix of the line has been granted a permit; the rest waits for one;
+//! - the *line* ([`line`]): claims that have not called the inner service yet, in call
+//!   order. A prefix of the line has been granted a permit; the rest waits for one;
 //! - `head_unstarted`: one claim holds a permit, comes before the whole line, and has not
 //!   called the inner service yet.
 //!
 //! A claim may call the inner service only when it is *the head*: it holds a permit and
 //! every earlier claim on its key has started or gone. When the key is free and nobody is
-//! in line, `call()` makes the new claim the head at once and no waiter node is
-//! allocated: the uncontended path is one lookup and one lock on each side.
+//! in line, `call()` makes the new claim the head at once and no line is touched: the
+//! uncontended path is one lookup and one lock on each side.
 //!
 //! Hand-off: whenever a permit is freed (a claim finished or was dropped) it is granted
-//! to the first waiter without one, and whenever the head starts or leaves, the next
-//! granted waiter, if any, is woken. A woken waiter becomes the head on its next poll.
+//! to the first waiter without one, and whenever the head starts or leaves, the line's
+//! first waiter, if granted, is woken. A woken waiter becomes the head on its next poll.
 //!
 //! # Invariants
 //!
 //! These hold whenever a shard's lock is free:
 //!
 //! 1. `holders <= permits`.
-//! 2. The granted waiters are a prefix of the line, and `next_grant` is the first waiter
-//!    without a permit. If anyone waits for a permit, `holders == permits`.
+//! 2. The granted waiters are a prefix of the line. If anyone waits for a permit,
+//!    `holders == permits`.
 //! 3. At most one claim is the unstarted head; while there is one, no waiter may start.
 //!    Together with 2 this makes the order in which the inner service is called the
 //!    order of `call()`.
@@ -56,75 +56,79 @@
 //!    `Drop`: a queued waiter leaves the line, and a permit (granted while waiting, held
 //!    but never used, or held by a running request) goes to the next waiter. No path
 //!    releases after an `.await`, so cancellation and panics cannot lose a permit.
-//! 6. Executor code never runs under a shard's lock: wakers are woken and dropped, and
-//!    removed keys dropped, after it is released (`shard::Deferred`). A waker whose
-//!    drop or wake re-enters the registry cannot deadlock it.
+//! 6. **No foreign code runs between a change to a shard and the moment the claim that
+//!    owns the change is in its final state, nor under a shard's lock.** Foreign code is
+//!    a key's `Drop`, `Hash` and `Eq`, a waker's `clone`, `wake` and `drop`, a tracing
+//!    subscriber, the policy and the inner service. `Hash` and the policy run before the
+//!    lock is taken; a waker is cloned before it, and the registry only *moves* wakers
+//!    under the lock; keys and wakers that the shard lets go of are dropped, and wakers
+//!    woken, after the lock is released ([`shard::Deferred`]), and only once the claim
+//!    that caused it records what it holds; tracing events are emitted after that too.
+//!    The one exception is `K: Eq`, which a lookup must call under the lock: it runs
+//!    before anything is changed, and the lock ignores poisoning. So a panic anywhere
+//!    leaves the registry as if the request had been dropped, and a waker or key that
+//!    re-enters the layer (reading `stats()`, say) cannot deadlock it.
 //!
 //! With one permit per key, nothing can be granted while the head holds the key, so the
 //! head skips telling the shard that it started and clears its mark when it releases.
 //! That saves a lock per request on the common path.
+//!
+//! # Memory
+//!
+//! An idle key costs nothing: its entry is removed in the step that makes it idle. A
+//! shard's table shrinks with hysteresis (see `Shard::after_removal`): a steady load
+//! does not reallocate, and a burst's memory is given back as it drains, fully once the
+//! shard is empty. A line's memory follows its live waiters (see [`line`]).
+//!
+//! With a hasher whose output is constant (or keys whose `Hash` is), every key of a
+//! domain lands in one bucket of one shard and each request compares keys linearly:
+//! `max_keys` bounds that cost.
 
+mod line;
+mod settings;
 mod shard;
 
 use std::hash::{BuildHasher, Hash};
 use std::num::NonZeroUsize;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
-use self::shard::{Limits, Position, Shard};
-use crate::error::{Limit, Overloaded};
+use self::line::Polled;
+pub(crate) use self::settings::Settings;
+use self::settings::UNBOUNDED;
+use self::shard::{KeyBudget, Leaving, Position, Shard};
+use crate::error::Overloaded;
 use crate::stats::Stats;
-use crate::sync::{Arc, AtomicUsize, Mutex, MutexGuard, Ordering};
+use crate::sync::{Arc, Mutex, MutexGuard};
 use crate::trace::{self, QueuedAt};
 
 /// Shards per available core. Two workers spraying requests over random keys collide on
 /// a shard with probability about 1/shards per request, and a collision on a std
 /// `Mutex` can cost a futex round trip; 32 per core keeps that rare. An idle shard costs
-/// 256 bytes.
+/// 128 bytes.
 const SHARDS_PER_CORE: usize = 32;
 
 /// Upper bound on the shard count.
 const MAX_SHARDS: usize = 1024;
 
-/// The settings of one ordering domain.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Config {
-    pub(crate) permits_per_key: usize,
-    pub(crate) max_queue_per_key: Option<usize>,
-    pub(crate) max_keys: Option<usize>,
-}
+/// The bits of the stirred hash that pick a shard: above the ones any shard's table
+/// uses to pick a bucket, below the seven that tag the bucket.
+const SHARD_SHIFT: u32 = 32;
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            permits_per_key: 1,
-            max_queue_per_key: None,
-            max_keys: None,
-        }
-    }
-}
-
-/// One ordering domain: the state shared by a layer and every service it builds.
+/// One ordering domain: the state shared by a layer, every service it builds and their
+/// clones. Its shards are built when the domain is first used, with the settings it has
+/// by then.
 pub(crate) struct Registry<K, H> {
-    shards: Box<[Arc<ShardCell<K>>]>,
+    settings: Settings,
     hasher: H,
-    config: Config,
+    shards: OnceLock<Box<[Arc<ShardCell<K>>]>>,
 }
 
-/// A shard and what its claims need besides it. Aligned so that no two shards, and no
-/// shard and its reference count, share a pair of cache lines (x86 prefetches lines in
-/// pairs); `repr(C)` keeps the shard's hot line first (see `Shard`).
-#[repr(C, align(128))]
+/// A shard, aligned so that no two shards share a pair of cache lines (x86 prefetches
+/// lines in pairs).
+#[repr(align(128))]
 struct ShardCell<K> {
     shard: Mutex<Shard<K>>,
-    limits: Limits,
-    /// Shared by every shard of the registry; only when `max_keys` is set.
-    key_count: Option<Arc<KeyCount>>,
-}
-
-/// Live keys across all shards, against `max_keys`.
-struct KeyCount {
-    live: AtomicUsize,
-    max: usize,
 }
 
 /// A request's place on its key, from `call()` until the request is done.
@@ -134,74 +138,96 @@ pub(crate) struct Claim<K> {
     cell: Arc<ShardCell<K>>,
     hash: u64,
     id: u64,
+    /// Where the key's entry was last seen in the shard's table.
+    bucket: usize,
     state: ClaimState,
 }
 
 #[derive(Clone, Copy, Debug)]
 enum ClaimState {
-    /// In the line at `node` since `since`.
-    Waiting { node: u32, since: QueuedAt },
-    /// Holds a permit. `head` while it is still marked as the unstarted head.
-    Holding { head: bool },
+    /// In the line with `ticket` since `since`. `registered` once a waker of this
+    /// claim's task is stored in the line.
+    Waiting {
+        ticket: u64,
+        registered: bool,
+        since: QueuedAt,
+    },
+    /// Holds a permit. `head` while it is still marked as the unstarted head; `notify`
+    /// if the shard must be told when it starts (more than one permit per key).
+    Holding { head: bool, notify: bool },
 }
 
 impl<K, H> Registry<K, H> {
-    pub(crate) fn new(config: Config, hasher: H) -> Self {
-        let shards = if cfg!(loom) {
-            // Keeps the models small: every shard is a loom object in every execution.
-            2
-        } else {
-            std::thread::available_parallelism()
-                .map_or(1, NonZeroUsize::get)
-                .saturating_mul(SHARDS_PER_CORE)
-                .next_power_of_two()
-                .min(MAX_SHARDS)
-        };
-        let limits = Limits {
-            permits: u32::try_from(config.permits_per_key).unwrap_or(u32::MAX),
-            max_queue: config.max_queue_per_key.unwrap_or(usize::MAX),
-        };
-        let key_count = config.max_keys.map(|max| {
-            Arc::new(KeyCount {
-                live: AtomicUsize::new(0),
-                max,
-            })
-        });
+    pub(crate) fn new(hasher: H) -> Self {
         Registry {
-            shards: (0..shards)
-                .map(|_| {
-                    Arc::new(ShardCell {
-                        shard: Mutex::new(Shard::default()),
-                        limits,
-                        key_count: key_count.clone(),
-                    })
-                })
-                .collect(),
+            settings: Settings::default(),
             hasher,
-            config,
+            shards: OnceLock::new(),
         }
     }
 
-    pub(crate) fn config(&self) -> Config {
-        self.config
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
     }
 
-    pub(crate) fn hasher(&self) -> &H {
-        &self.hasher
+    /// The settings, to change before the domain is used; `None` once it is (its shards
+    /// exist, and requests may hold them).
+    pub(crate) fn settings_mut(&mut self) -> Option<&mut Settings> {
+        self.shards.get().is_none().then_some(&mut self.settings)
+    }
+
+    /// The same settings with another hasher, for a domain not in use yet.
+    pub(crate) fn with_hasher<H2>(self, hasher: H2) -> Option<Registry<K, H2>> {
+        self.shards.get().is_none().then(|| Registry {
+            settings: self.settings,
+            hasher,
+            shards: OnceLock::new(),
+        })
+    }
+
+    /// Builds the shards if this is the domain's first use.
+    pub(crate) fn build(&self) {
+        self.shards();
+    }
+
+    #[inline]
+    fn shards(&self) -> &[Arc<ShardCell<K>>] {
+        self.shards.get_or_init(|| {
+            let count = if cfg!(loom) {
+                // Keeps the models small: every shard is a loom object in every execution.
+                2
+            } else {
+                std::thread::available_parallelism()
+                    .map_or(1, NonZeroUsize::get)
+                    .saturating_mul(SHARDS_PER_CORE)
+                    .next_power_of_two()
+                    .min(MAX_SHARDS)
+            };
+            let budget = (self.settings.max_keys != UNBOUNDED)
+                .then(|| Arc::new(KeyBudget::new(self.settings.max_keys)));
+            (0..count)
+                .map(|_| {
+                    Arc::new(ShardCell {
+                        shard: Mutex::new(Shard::new(self.settings, budget.clone())),
+                    })
+                })
+                .collect()
+        })
     }
 
     /// Sums the shards one at a time; exact whenever no request is being admitted or
-    /// released concurrently.
+    /// released concurrently. Costs a pass over the live keys.
     pub(crate) fn stats(&self) -> Stats {
-        self.shards
-            .iter()
-            .fold(Stats::default(), |mut stats, cell| {
-                let (keys, in_flight, queued) = cell.lock().counts();
-                stats.keys += keys;
-                stats.in_flight += in_flight;
-                stats.queued += queued;
-                stats
-            })
+        let Some(shards) = self.shards.get() else {
+            return Stats::default();
+        };
+        shards.iter().fold(Stats::default(), |mut stats, cell| {
+            let (keys, in_flight, queued) = cell.lock().counts();
+            stats.keys += keys;
+            stats.in_flight += in_flight;
+            stats.queued += queued;
+            stats
+        })
     }
 }
 
@@ -211,41 +237,64 @@ where
     H: BuildHasher,
 {
     /// Takes `key`'s next place in call order, or rejects the request if a limit is hit.
+    #[inline]
     pub(crate) fn claim(&self, key: K) -> Result<Claim<K>, Overloaded> {
-        let hash = self.hasher.hash_one(&key);
-        // The low bits pick a bucket inside the shard's table and the top seven are its
-        // tag, so the shard is chosen from bits neither uses.
-        let cell = &self.shards[(hash >> 48) as usize & (self.shards.len() - 1)];
-        let admit_new_key = || match &cell.key_count {
-            None => Ok(()),
-            Some(count) => count
-                .live
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |live| {
-                    (live < count.max).then_some(live + 1)
-                })
-                .map(drop)
-                .map_err(|_| Overloaded::new(Limit::MaxKeys)),
+        let hash = spread(self.hasher.hash_one(&key));
+        let shards = self.shards();
+        let cell = &shards[(hash >> SHARD_SHIFT) as usize & (shards.len() - 1)];
+        let (claimed, spare_key) = {
+            let mut shard = cell.lock();
+            let notify = shard.settings().permits_per_key > 1;
+            let (place, spare_key) = shard.claim(hash, key);
+            // The claim that owns the change is built before the lock is released.
+            let claimed = place.map(|place| {
+                let (state, depth) = match place.position {
+                    Position::Head => (ClaimState::Holding { head: true, notify }, None),
+                    Position::Waiting { ticket, depth } => (
+                        ClaimState::Waiting {
+                            ticket,
+                            registered: false,
+                            since: QueuedAt::NOT_TRACED,
+                        },
+                        Some(depth),
+                    ),
+                };
+                let claim = Claim {
+                    cell: Arc::clone(cell),
+                    hash,
+                    id: place.id,
+                    bucket: place.bucket,
+                    state,
+                };
+                (claim, depth)
+            });
+            (claimed, spare_key)
         };
-        let (id, position) = cell.lock().claim(hash, key, cell.limits, admit_new_key)?;
-        let state = match position {
-            Position::Head => ClaimState::Holding { head: true },
-            Position::Waiting { node, depth } => ClaimState::Waiting {
-                node,
-                since: trace::queued(depth),
-            },
-        };
-        Ok(Claim {
-            cell: Arc::clone(cell),
-            hash,
-            id,
-            state,
-        })
+        // Foreign code from here on: if it panics, the claim is dropped and gives its
+        // place up like any dropped request.
+        drop(spare_key);
+        let (mut claim, depth) = claimed?;
+        if let (Some(depth), ClaimState::Waiting { since, .. }) = (depth, &mut claim.state) {
+            *since = trace::queued(depth);
+        }
+        Ok(claim)
     }
 }
 
+/// Stirs a hasher's output so that its high bits depend on its low bits (and the low
+/// bits still on the high ones): the shard is picked from the middle bits, the table's
+/// bucket from the low bits, and its tag from the top seven. With a hasher that only
+/// spreads low bits, such as an identity hasher for integer ids, keys still spread over
+/// every shard and bucket.
+#[inline]
+fn spread(hash: u64) -> u64 {
+    (hash ^ (hash >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 impl<K> ShardCell<K> {
-    /// Locks the shard, ignoring poisoning: the shard's state is consistent whenever user
-    /// code can panic under the lock (only `K::eq`, during a lookup that changes nothing).
+    /// Locks the shard, ignoring poisoning: the only foreign code that can panic under
+    /// the lock is `K::eq`, during a lookup that has changed nothing.
+    #[inline]
     fn lock(&self) -> MutexGuard<'_, Shard<K>> {
         self.shard
             .lock()
@@ -259,18 +308,60 @@ impl<K> Claim<K> {
     pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match self.state {
             ClaimState::Holding { .. } => Poll::Ready(()),
-            ClaimState::Waiting { node, since } => self.poll_waiting(node, since, cx),
+            ClaimState::Waiting {
+                ticket,
+                registered,
+                since,
+            } => self.poll_waiting(ticket, registered, since, cx),
         }
     }
 
-    fn poll_waiting(&mut self, node: u32, since: QueuedAt, cx: &mut Context<'_>) -> Poll<()> {
-        let (turn, stale) = self.cell.lock().poll_turn(self.hash, self.id, node, cx);
-        drop(stale);
-        if turn.is_ready() {
-            trace::admitted(since);
-            self.state = ClaimState::Holding { head: true };
+    fn poll_waiting(
+        &mut self,
+        ticket: u64,
+        registered: bool,
+        since: QueuedAt,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        // Cloning a waker runs executor code, so it happens before the lock is taken. A
+        // claim that has registered before is usually polled because it was woken for
+        // its turn, and then needs no clone at all.
+        let mut fresh = (!registered).then(|| cx.waker().clone());
+        loop {
+            let mut shard = self.cell.lock();
+            let polled = shard.poll_turn(
+                self.hash,
+                self.id,
+                &mut self.bucket,
+                ticket,
+                &mut fresh,
+                cx.waker(),
+            );
+            let stale = match polled {
+                Polled::Turn(stale) => {
+                    let notify = shard.settings().permits_per_key > 1;
+                    self.state = ClaimState::Holding { head: true, notify };
+                    drop(shard);
+                    drop((stale, fresh));
+                    trace::admitted(since);
+                    return Poll::Ready(());
+                }
+                Polled::Wait(stale) => stale,
+                Polled::NeedsWaker => {
+                    drop(shard);
+                    fresh = Some(cx.waker().clone());
+                    continue;
+                }
+            };
+            self.state = ClaimState::Waiting {
+                ticket,
+                registered: true,
+                since,
+            };
+            drop(shard);
+            drop((stale, fresh));
+            return Poll::Pending;
         }
-        turn
     }
 
     /// Records that the inner service has been called, so the next claim may start.
@@ -278,49 +369,49 @@ impl<K> Claim<K> {
     pub(crate) fn started(&mut self) {
         // With one permit nobody can be granted while this claim holds the key, so
         // nobody waits for its start: the mark is cleared when it releases instead.
-        if matches!(self.state, ClaimState::Holding { head: true }) && self.cell.limits.permits > 1
+        if let ClaimState::Holding {
+            head: true,
+            notify: true,
+        } = self.state
         {
             self.notify_started();
         }
     }
 
     fn notify_started(&mut self) {
-        let deferred = self.cell.lock().start(self.hash, self.id);
-        self.state = ClaimState::Holding { head: false };
-        deferred.run();
-    }
-
-    /// Out of line, so that dropping a response future without a claim stays cheap.
-    #[inline(never)]
-    fn give_up(&mut self) {
-        let cell = &*self.cell;
-        let mut shard = cell.lock();
-        let deferred = match self.state {
-            ClaimState::Waiting { node, .. } => {
-                shard.abandon(self.hash, self.id, node, cell.limits)
-            }
-            ClaimState::Holding { head } => shard.release(self.hash, self.id, head, cell.limits),
+        let deferred = {
+            let mut shard = self.cell.lock();
+            let deferred = shard.start(self.hash, self.id, &mut self.bucket);
+            self.state = ClaimState::Holding {
+                head: false,
+                notify: true,
+            };
+            deferred
         };
-        if let (Some(_), Some(count)) = (&deferred.removed_key, &cell.key_count) {
-            // Under the lock, so that the count never runs ahead of the entries.
-            count.live.fetch_sub(1, Ordering::Relaxed);
-        }
-        drop(shard);
         deferred.run();
     }
 }
 
 impl<K> Drop for Claim<K> {
+    #[inline]
     fn drop(&mut self) {
-        self.give_up();
+        let leaving = match self.state {
+            ClaimState::Waiting { ticket, .. } => Leaving::Line { ticket },
+            ClaimState::Holding { head, .. } => Leaving::Permit { was_head: head },
+        };
+        let deferred = self
+            .cell
+            .lock()
+            .leave(self.hash, self.id, &mut self.bucket, leaving);
+        deferred.run();
     }
 }
 
 impl<K, H> std::fmt::Debug for Registry<K, H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
-            .field("shards", &self.shards.len())
-            .field("config", &self.config)
+            .field("settings", &self.settings)
+            .field("shards", &self.shards.get().map(|shards| shards.len()))
             .finish_non_exhaustive()
     }
 }
@@ -330,5 +421,24 @@ impl<K> std::fmt::Debug for Claim<K> {
         f.debug_struct("Claim")
             .field("state", &self.state)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_moves_low_bit_entropy_into_the_shard_bits() {
+        let shards = 64;
+        let mut seen = std::collections::HashSet::new();
+        for id in 0..1_000u64 {
+            seen.insert((spread(id) >> SHARD_SHIFT) as usize & (shards - 1));
+        }
+        assert_eq!(
+            seen.len(),
+            shards,
+            "identity-hashed ids must reach every shard"
+        );
     }
 }

@@ -1,55 +1,46 @@
-//! One shard of the registry: the keys that hash to it and their waiting lines.
+//! One shard of the registry: the live keys that hash to it, and their lines.
 //!
-//! Everything here runs under the shard's lock and none of it blocks. The only foreign
-//! code it runs is `K: Eq` during a lookup (which changes nothing) and the drop of a key
-//! that a rejected or redundant `call()` brought. Wakers are woken and dropped, and
-//! removed keys dropped, by the caller after the lock is released: see [`Deferred`].
-//! See the parent module for the algorithm and its invariants.
+//! Everything here runs under the shard's lock, and none of it blocks. The only foreign
+//! code it runs is `K: Eq` while looking a key up, which happens before anything is
+//! changed. Keys, wakers to wake and wakers to drop are handed back to the caller, which
+//! lets go of them after the lock is released ([`Deferred`]). See the parent module for
+//! the algorithm and its invariants.
 
-use std::task::{Context, Poll, Waker};
+use std::task::Waker;
 
 use hashbrown::{HashTable, hash_table};
-use slab::Slab;
 
+use super::line::{Line, Polled};
+use super::settings::{Settings, UNBOUNDED};
 use crate::error::{Limit, Overloaded};
+use crate::sync::{Arc, AtomicUsize, Ordering};
 
-/// The end of a line, or "no waiter".
-const NIL: u32 = u32::MAX;
+/// Table capacity a shard keeps, whatever happens: enough for the few keys a shard holds
+/// at a time under light traffic, so that they come and go without reallocating.
+const RETAINED_KEYS: usize = 7;
 
-/// Table capacity a shard keeps when it empties, so that a steady trickle of requests
-/// does not allocate on every call. Small on purpose: idle keys should cost (almost)
-/// nothing.
-const RETAINED_KEYS: usize = 3;
+/// How fast `demand` forgets a peak: by 1/64 on each key removal.
+const DEMAND_DECAY_SHIFT: u32 = 6;
 
-/// Waiter slots a shard keeps when its last waiter leaves, for the same reason.
-const RETAINED_WAITERS: usize = 4;
+/// `demand` is kept in 1/256ths of a key, so that its decay works on small counts too.
+const DEMAND_ONE: u32 = 256;
 
 /// The state of every live key that hashes to this shard.
-///
-/// `repr(C)` keeps what every request writes (the lock word before it, the table's
-/// header, `next_id`, `in_flight`) on one cache line, apart from the waiter slab that
-/// only contended keys touch and the limits every request reads.
-#[repr(C)]
 pub(super) struct Shard<K> {
     keys: HashTable<KeyState<K>>,
     /// Identifies a key's entry for the lifetime of that entry. A claim finds its entry
     /// again by `(hash, id)`, so releasing never compares keys, and a claim can never
     /// touch a later entry for the same key.
     next_id: u64,
-    lines: Lines,
-}
-
-/// The waiting lines of a shard's keys, and its counts. Kept apart from the key table
-/// so that both can be borrowed at once.
-#[repr(C)]
-struct Lines {
-    /// Sum of `holders` over this shard's keys.
-    in_flight: usize,
-    /// Sum of `queued` over this shard's keys.
-    queued: usize,
-    /// Nodes of every line in this shard. A waiter's index is stable for its lifetime,
-    /// which gives O(1) removal when a queued request is dropped.
-    waiters: Slab<Waiter>,
+    /// The recent peak of live keys, decaying with each removal (in `DEMAND_ONE`ths).
+    /// The table shrinks only when it is far larger than this, so that a steady load that
+    /// swings between a few and a few dozen keys does not reallocate back and forth.
+    demand: u32,
+    settings: Settings,
+    /// Live keys across every shard of the domain, against `max_keys`; only when set.
+    budget: Option<Arc<KeyBudget>>,
+    /// An empty line kept from a key that went idle, for the next key that needs one.
+    spare_line: Option<Box<Line>>,
 }
 
 /// One live key.
@@ -57,369 +48,380 @@ struct KeyState<K> {
     key: K,
     hash: u64,
     id: u64,
-    /// Claims holding one of the key's permits, started or not.
+    /// Claims holding one of the key's permits: running, the unstarted head, and the
+    /// granted waiters in the line.
     holders: u32,
-    /// Claims in the line that wait for a permit.
-    queued: u32,
     /// A claim holds a permit, comes before every claim in the line, and has not called
     /// the inner service yet. No one in the line may start before it does.
     head_unstarted: bool,
-    /// The line: claims that have not started, in call order (after the unstarted head).
-    head: u32,
-    tail: u32,
-    /// The first waiter in the line without a permit; every waiter before it has one.
-    next_grant: u32,
+    /// Claims that have not left the line yet; `None` until the key first has one.
+    line: Option<Box<Line>>,
 }
 
-/// A claim's node in its key's line.
-struct Waiter {
-    prev: u32,
-    next: u32,
-    /// Holds one of the key's permits. Granted waiters form a prefix of the line.
-    granted: bool,
-    waker: Option<Waker>,
+/// Live keys across the shards of one domain, when `max_keys` is set. Taken when a key's
+/// entry is created and given back when it is removed, both by the shard that holds the
+/// entry, under its lock, so that the count never runs ahead of the entries.
+pub(super) struct KeyBudget {
+    live: AtomicUsize,
+    max: usize,
 }
 
-/// The limits a shard enforces when a claim is taken.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Limits {
-    pub(super) permits: u32,
-    pub(super) max_queue: usize,
+/// Where a new claim stands, and how to find its entry again.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Place {
+    pub(super) id: u64,
+    pub(super) bucket: usize,
+    pub(super) position: Position,
 }
 
-/// Where a new claim stands after `Shard::claim`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub(super) enum Position {
-    /// It holds a permit and every earlier claim on the key has started: it may start now.
+    /// Holds a permit and every earlier claim has started: it may start now.
     Head,
-    /// It waits in the line at `node`; `depth` requests of its key (itself included)
-    /// now wait for a permit.
-    Waiting { node: u32, depth: u32 },
+    /// In the line with `ticket`; `depth` claims of its key are in the line, itself
+    /// included.
+    Waiting { ticket: u64, depth: u32 },
+}
+
+/// What a claim gives back when it leaves.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Leaving {
+    /// It held a permit. `was_head` if it was still marked as the unstarted head.
+    Permit { was_head: bool },
+    /// It was still in the line.
+    Line { ticket: u64 },
 }
 
 /// What a shard operation leaves for after the lock is released, so that no executor
-/// code (waking or dropping a waker) and no key's `Drop` runs under the lock.
+/// code and no key's `Drop` runs under the lock. [`Deferred::run`] wakes first: if
+/// dropping something then panics, no hand-off has been lost.
 #[must_use = "run it once the shard's lock is released"]
 pub(super) struct Deferred<K> {
-    /// A claim that may start now.
-    pub(super) wake: Option<Waker>,
-    /// The key of an entry that went idle and was removed.
-    pub(super) removed_key: Option<K>,
-    /// A waker that was replaced or whose waiter left the line.
+    wake: Option<Waker>,
     stale: Option<Waker>,
+    removed_key: Option<K>,
 }
 
 impl<K> Deferred<K> {
-    fn new(wake: Option<Waker>, removed_key: Option<K>, stale: Option<Waker>) -> Self {
-        Deferred {
-            wake,
-            removed_key,
-            stale,
-        }
-    }
-
     pub(super) fn run(self) {
-        drop(self.removed_key);
-        drop(self.stale);
-        if let Some(waker) = self.wake {
+        let Deferred {
+            wake,
+            stale,
+            removed_key,
+        } = self;
+        if let Some(waker) = wake {
             waker.wake();
         }
+        drop(stale);
+        drop(removed_key);
     }
 }
 
-impl<K> Default for Shard<K> {
-    fn default() -> Self {
-        Shard {
-            keys: HashTable::new(),
-            next_id: 0,
-            lines: Lines {
-                in_flight: 0,
-                queued: 0,
-                waiters: Slab::new(),
-            },
+impl KeyBudget {
+    pub(super) fn new(max: usize) -> Self {
+        KeyBudget {
+            live: AtomicUsize::new(0),
+            max,
         }
+    }
+
+    fn try_take(&self) -> bool {
+        self.live
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |live| {
+                (live < self.max).then_some(live + 1)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl<K> Shard<K> {
+    pub(super) fn new(settings: Settings, budget: Option<Arc<KeyBudget>>) -> Self {
+        debug_assert_eq!(budget.is_some(), settings.max_keys != UNBOUNDED);
+        Shard {
+            keys: HashTable::new(),
+            next_id: 0,
+            demand: 0,
+            settings,
+            budget,
+            spare_line: None,
+        }
+    }
+
+    pub(super) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     /// Takes a place for `key` in call order, or rejects the request.
     ///
-    /// `admit_new_key` is asked before a key entry is created, and only then; it enforces
-    /// `max_keys` across all shards.
-    pub(super) fn claim(
-        &mut self,
-        hash: u64,
-        key: K,
-        limits: Limits,
-        admit_new_key: impl FnOnce() -> Result<(), Overloaded>,
-    ) -> Result<(u64, Position), Overloaded>
+    /// `key` is handed back when the shard does not keep it (its key was live already,
+    /// or the request was rejected), for the caller to drop after the lock is released.
+    pub(super) fn claim(&mut self, hash: u64, key: K) -> (Result<Place, Overloaded>, Option<K>)
     where
         K: Eq,
     {
-        let entry = match self
+        // `K::eq` runs here, before anything is changed; growing the table for the
+        // insertion below is not a change any claim owns.
+        match self
             .keys
             .entry(hash, |state| state.key == key, |state| state.hash)
         {
-            hash_table::Entry::Occupied(occupied) => occupied.into_mut(),
+            hash_table::Entry::Occupied(mut occupied) => {
+                let bucket = occupied.bucket_index();
+                let state = occupied.get_mut();
+                let place = state
+                    .join(&self.settings, &mut self.spare_line)
+                    .map(|position| Place {
+                        id: state.id,
+                        bucket,
+                        position,
+                    });
+                (place, Some(key))
+            }
             hash_table::Entry::Vacant(vacant) => {
-                admit_new_key()?;
+                if let Some(budget) = &self.budget {
+                    if !budget.try_take() {
+                        return (Err(Overloaded::new(Limit::MaxKeys)), Some(key));
+                    }
+                }
                 let id = self.next_id;
                 self.next_id += 1;
-                vacant.insert(KeyState::new(key, hash, id)).into_mut()
-            }
-        };
-
-        if entry.head == NIL && !entry.head_unstarted && entry.holders < limits.permits {
-            entry.holders += 1;
-            entry.head_unstarted = true;
-            self.lines.in_flight += 1;
-            return Ok((entry.id, Position::Head));
-        }
-
-        let granted = entry.holders < limits.permits;
-        if !granted && entry.queued as usize >= limits.max_queue {
-            // The entry existed before this call (a new one takes the branch above), so
-            // rejecting leaves nothing behind.
-            return Err(Overloaded::new(Limit::MaxQueuePerKey));
-        }
-
-        let lines = &mut self.lines;
-        let node = index(lines.waiters.insert(Waiter {
-            prev: entry.tail,
-            next: NIL,
-            granted,
-            waker: None,
-        }));
-        if entry.tail == NIL {
-            entry.head = node;
-        } else {
-            lines.waiters[entry.tail as usize].next = node;
-        }
-        entry.tail = node;
-        if granted {
-            // Only granted waiters are in the line (invariant 2), so the prefix stays whole.
-            entry.holders += 1;
-            lines.in_flight += 1;
-        } else {
-            entry.queued += 1;
-            lines.queued += 1;
-            if entry.next_grant == NIL {
-                entry.next_grant = node;
+                let entry = vacant.insert(KeyState {
+                    key,
+                    hash,
+                    id,
+                    holders: 1,
+                    head_unstarted: true,
+                    line: None,
+                });
+                let place = Place {
+                    id,
+                    bucket: entry.bucket_index(),
+                    position: Position::Head,
+                };
+                (Ok(place), None)
             }
         }
-        let depth = entry.queued;
-        Ok((entry.id, Position::Waiting { node, depth }))
     }
 
-    /// Checks whether the waiter at `node` may start; if so it leaves the line and
-    /// becomes the unstarted head. Otherwise its waker is stored for the hand-off.
-    ///
-    /// Also returns the waker it no longer needs, for the caller to drop after unlocking.
+    /// Polls the waiting claim `(hash, id)` with `ticket`; see [`Line::poll`]. When its
+    /// turn has come, it becomes the unstarted head.
     pub(super) fn poll_turn(
         &mut self,
         hash: u64,
         id: u64,
-        node: u32,
-        cx: &mut Context<'_>,
-    ) -> (Poll<()>, Option<Waker>) {
-        let entry = find(&mut self.keys, hash, id);
-        let waiter = &mut self.lines.waiters[node as usize];
-        if waiter.granted && entry.head == node && !entry.head_unstarted {
-            let waiter = entry.unlink(&mut self.lines.waiters, node);
-            entry.head_unstarted = true;
-            self.lines.shrink_waiters();
-            return (Poll::Ready(()), waiter.waker);
+        bucket: &mut usize,
+        ticket: u64,
+        fresh: &mut Option<Waker>,
+        current: &Waker,
+    ) -> Polled {
+        let state = self.state_mut(hash, id, bucket);
+        let head_unstarted = state.head_unstarted;
+        let polled = state
+            .line_mut()
+            .poll(ticket, head_unstarted, fresh, current);
+        if let Polled::Turn(_) = polled {
+            state.head_unstarted = true;
         }
-        let stale = match &waiter.waker {
-            Some(waker) if waker.will_wake(cx.waker()) => None,
-            _ => waiter.waker.replace(cx.waker().clone()),
-        };
-        (Poll::Pending, stale)
+        polled
     }
 
     /// The unstarted head has called the inner service: the next claim may start.
-    pub(super) fn start(&mut self, hash: u64, id: u64) -> Deferred<K> {
-        let entry = find(&mut self.keys, hash, id);
-        entry.head_unstarted = false;
-        Deferred::new(entry.startable_head(&mut self.lines.waiters), None, None)
+    pub(super) fn start(&mut self, hash: u64, id: u64, bucket: &mut usize) -> Deferred<K> {
+        let state = self.state_mut(hash, id, bucket);
+        state.head_unstarted = false;
+        let wake = state.line.as_mut().and_then(|line| line.startable(false));
+        Deferred {
+            wake,
+            stale: None,
+            removed_key: None,
+        }
     }
 
-    /// A claim holding a permit finished or was dropped. `was_head` says whether it was
-    /// still marked as the unstarted head.
-    pub(super) fn release(
+    /// A claim finished or was dropped: gives back what it held, passes free permits on
+    /// in call order, and removes the key's entry if nothing holds or waits for it.
+    pub(super) fn leave(
         &mut self,
         hash: u64,
         id: u64,
-        was_head: bool,
-        limits: Limits,
+        bucket: &mut usize,
+        leaving: Leaving,
     ) -> Deferred<K> {
-        let mut occupied = find_entry(&mut self.keys, hash, id);
-        let entry = occupied.get_mut();
-        entry.holders -= 1;
-        self.lines.in_flight -= 1;
-        if was_head {
-            entry.head_unstarted = false;
+        let permits = self.settings.permits_per_key;
+        let index = self.bucket_of(hash, id, bucket);
+        let mut occupied = self
+            .keys
+            .get_bucket_entry(index)
+            .ok()
+            .expect("a live claim's key entry is present");
+        let state = occupied.get_mut();
+        let stale = match leaving {
+            Leaving::Permit { was_head } => {
+                state.holders -= 1;
+                if was_head {
+                    state.head_unstarted = false;
+                }
+                None
+            }
+            Leaving::Line { ticket } => {
+                let (granted, waker) = state.line_mut().leave(ticket);
+                if granted {
+                    state.holders -= 1;
+                }
+                waker
+            }
+        };
+        let line_empty = match &mut state.line {
+            Some(line) => {
+                line.grant(&mut state.holders, permits);
+                if let Some(wake) = line.startable(state.head_unstarted) {
+                    return Deferred {
+                        wake: Some(wake),
+                        stale,
+                        removed_key: None,
+                    };
+                }
+                line.is_empty()
+            }
+            None => true,
+        };
+        if state.holders > 0 || !line_empty {
+            return Deferred {
+                wake: None,
+                stale,
+                removed_key: None,
+            };
         }
-        let waker = self.lines.pass_on(entry, limits);
-        let removed = remove_if_idle(occupied);
-        if removed.is_some() {
-            self.shrink_keys();
+        // Idle: the entry goes in the same critical section (invariant 4).
+        let (state, _) = occupied.remove();
+        if let Some(budget) = &self.budget {
+            budget.give_back();
         }
-        Deferred::new(waker, removed, None)
-    }
-
-    /// A claim still in the line was dropped, granted or not.
-    pub(super) fn abandon(&mut self, hash: u64, id: u64, node: u32, limits: Limits) -> Deferred<K> {
-        let mut occupied = find_entry(&mut self.keys, hash, id);
-        let entry = occupied.get_mut();
-        let waiter = entry.unlink(&mut self.lines.waiters, node);
-        if waiter.granted {
-            entry.holders -= 1;
-            self.lines.in_flight -= 1;
-        } else {
-            entry.queued -= 1;
-            self.lines.queued -= 1;
+        if let Some(mut line) = state.line {
+            if self.spare_line.is_none() {
+                line.recycle();
+                self.spare_line = Some(line);
+            }
         }
-        let waker = self.lines.pass_on(entry, limits);
-        self.lines.shrink_waiters();
-        let removed = remove_if_idle(occupied);
-        if removed.is_some() {
-            self.shrink_keys();
+        self.after_removal();
+        Deferred {
+            wake: None,
+            stale,
+            removed_key: Some(state.key),
         }
-        Deferred::new(waker, removed, waiter.waker)
     }
 
     /// Number of live keys, claims holding a permit and claims waiting for one.
     pub(super) fn counts(&self) -> (usize, usize, usize) {
-        (self.keys.len(), self.lines.in_flight, self.lines.queued)
+        self.keys.iter().fold(
+            (self.keys.len(), 0, 0),
+            |(keys, holding, waiting), state| {
+                let queued = state.line.as_ref().map_or(0, |line| line.waiting());
+                (
+                    keys,
+                    holding + state.holders as usize,
+                    waiting + queued as usize,
+                )
+            },
+        )
     }
 
-    /// Returns table memory after a burst. Shrinking only once the table is a quarter
-    /// full keeps a key count that hovers around one size from reallocating each call.
+    /// Gives table memory back after a burst, with hysteresis: the table shrinks only
+    /// when it is eight times larger than the recent peak of live keys, to twice that
+    /// peak, and back to `RETAINED_KEYS` when it empties after holding four times that
+    /// many. A load that swings within those bounds never reallocates.
     #[inline]
-    fn shrink_keys(&mut self) {
+    fn after_removal(&mut self) {
+        let len = self.keys.len();
+        let before = u32::try_from(len + 1).unwrap_or(u32::MAX >> 8);
+        self.demand -= self.demand >> DEMAND_DECAY_SHIFT;
+        self.demand = self
+            .demand
+            .max(before.saturating_mul(DEMAND_ONE).min(u32::MAX >> 1));
         let capacity = self.keys.capacity();
-        if capacity > RETAINED_KEYS && self.keys.len() * 4 <= capacity {
-            let target = (self.keys.len() * 2).max(RETAINED_KEYS);
-            self.keys.shrink_to(target, |state| state.hash);
+        if capacity <= RETAINED_KEYS {
+            return;
         }
-    }
-}
-
-impl Lines {
-    /// Hands free permits to waiters in call order. Returns the waker of a claim that
-    /// may now start.
-    fn pass_on<K>(&mut self, entry: &mut KeyState<K>, limits: Limits) -> Option<Waker> {
-        let granted = entry.grant(&mut self.waiters, limits.permits);
-        self.in_flight += granted as usize;
-        self.queued -= granted as usize;
-        entry.startable_head(&mut self.waiters)
+        let target = if len == 0 && capacity > 4 * RETAINED_KEYS {
+            RETAINED_KEYS
+        } else {
+            let demand = self.demand.div_ceil(DEMAND_ONE) as usize;
+            if capacity < 8 * demand {
+                return;
+            }
+            (2 * demand).max(RETAINED_KEYS)
+        };
+        self.keys.shrink_to(target, |state| state.hash);
     }
 
-    /// Returns waiter memory once the shard's lines are empty. Slab indices are held by
-    /// live claims, so the slab can only be reset, not compacted, and only when empty.
-    fn shrink_waiters(&mut self) {
-        if self.waiters.is_empty() && self.waiters.capacity() > RETAINED_WAITERS {
-            self.waiters = Slab::with_capacity(RETAINED_WAITERS);
+    fn state_mut(&mut self, hash: u64, id: u64, bucket: &mut usize) -> &mut KeyState<K> {
+        let index = self.bucket_of(hash, id, bucket);
+        self.keys
+            .get_bucket_mut(index)
+            .expect("a live claim's key entry is present")
+    }
+
+    /// The bucket of entry `(hash, id)`. `hint` is where it was; it is updated if the
+    /// table has been resized since (invariant 4 makes the entry's presence certain).
+    #[inline]
+    fn bucket_of(&self, hash: u64, id: u64, hint: &mut usize) -> usize {
+        if self
+            .keys
+            .get_bucket(*hint)
+            .is_some_and(|state| state.id == id)
+        {
+            return *hint;
         }
+        *hint = self
+            .keys
+            .find_bucket_index(hash, |state| state.id == id)
+            .expect("a live claim's key entry is present");
+        *hint
     }
 }
 
 impl<K> KeyState<K> {
-    fn new(key: K, hash: u64, id: u64) -> Self {
-        KeyState {
-            key,
-            hash,
-            id,
-            holders: 0,
-            queued: 0,
-            head_unstarted: false,
-            head: NIL,
-            tail: NIL,
-            next_grant: NIL,
-        }
-    }
-
-    /// Gives free permits to the waiters at the front of the ungranted part of the line.
-    fn grant(&mut self, waiters: &mut Slab<Waiter>, permits: u32) -> u32 {
-        let mut granted = 0;
-        while self.holders < permits && self.next_grant != NIL {
-            let waiter = &mut waiters[self.next_grant as usize];
-            waiter.granted = true;
+    /// A claim for a key that is live already: it becomes the head if the key is free,
+    /// and joins the line otherwise, or is rejected when the line is full.
+    fn join(
+        &mut self,
+        settings: &Settings,
+        spare_line: &mut Option<Box<Line>>,
+    ) -> Result<Position, Overloaded> {
+        let (line_empty, waiting) = self
+            .line
+            .as_ref()
+            .map_or((true, 0), |line| (line.is_empty(), line.waiting()));
+        let permit_free = self.holders < settings.permits_per_key;
+        if line_empty && !self.head_unstarted && permit_free {
             self.holders += 1;
-            self.queued -= 1;
-            granted += 1;
-            self.next_grant = waiter.next;
+            self.head_unstarted = true;
+            return Ok(Position::Head);
         }
-        granted
+        if !permit_free && waiting as usize >= settings.max_queue_per_key {
+            // Nothing has been changed, so rejecting leaves nothing behind.
+            return Err(Overloaded::new(Limit::MaxQueuePerKey));
+        }
+        if permit_free {
+            // Every waiter holds a permit (invariant 2), so the prefix stays whole.
+            self.holders += 1;
+        }
+        let line = self
+            .line
+            .get_or_insert_with(|| spare_line.take().unwrap_or_default());
+        let ticket = line.push(permit_free);
+        Ok(Position::Waiting {
+            ticket,
+            depth: line.live(),
+        })
     }
 
-    /// The waker of the line's first waiter, if it may start now.
-    ///
-    /// The waker is taken, not cloned: the waiter is woken once, and re-registers if its
-    /// poll finds it cannot start after all.
-    fn startable_head(&mut self, waiters: &mut Slab<Waiter>) -> Option<Waker> {
-        if self.head_unstarted || self.head == NIL {
-            return None;
-        }
-        let waiter = &mut waiters[self.head as usize];
-        if waiter.granted {
-            waiter.waker.take()
-        } else {
-            None
-        }
+    fn line_mut(&mut self) -> &mut Line {
+        self.line
+            .as_mut()
+            .expect("a waiting claim's key has a line")
     }
-
-    /// Removes `node` from the line and frees its slot.
-    fn unlink(&mut self, waiters: &mut Slab<Waiter>, node: u32) -> Waiter {
-        let waiter = waiters.remove(node as usize);
-        if waiter.prev == NIL {
-            self.head = waiter.next;
-        } else {
-            waiters[waiter.prev as usize].next = waiter.next;
-        }
-        if waiter.next == NIL {
-            self.tail = waiter.prev;
-        } else {
-            waiters[waiter.next as usize].prev = waiter.prev;
-        }
-        if self.next_grant == node {
-            self.next_grant = waiter.next;
-        }
-        waiter
-    }
-}
-
-/// The entry a live claim refers to. It exists for as long as the claim does (invariant 4).
-fn find<K>(keys: &mut HashTable<KeyState<K>>, hash: u64, id: u64) -> &mut KeyState<K> {
-    keys.find_mut(hash, |state| state.id == id)
-        .expect("a live claim's key entry is present")
-}
-
-/// Removes the entry if nothing holds or waits for its key any more (invariant 4).
-/// The removed key is handed back, to be dropped after the lock is released.
-fn remove_if_idle<K>(occupied: hash_table::OccupiedEntry<'_, KeyState<K>>) -> Option<K> {
-    let entry = occupied.get();
-    if entry.holders > 0 || entry.head != NIL {
-        return None;
-    }
-    Some(occupied.remove().0.key)
-}
-
-/// Like [`find`], keeping the table borrowed so the entry can be removed.
-fn find_entry<K>(
-    keys: &mut HashTable<KeyState<K>>,
-    hash: u64,
-    id: u64,
-) -> hash_table::OccupiedEntry<'_, KeyState<K>> {
-    keys.find_entry(hash, |state| state.id == id)
-        .ok()
-        .expect("a live claim's key entry is present")
-}
-
-fn index(slot: usize) -> u32 {
-    u32::try_from(slot)
-        .ok()
-        .filter(|&slot| slot != NIL)
-        .expect("fewer than u32::MAX waiters in one shard")
 }

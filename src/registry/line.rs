@@ -1,0 +1,240 @@
+//! One key's waiting line: the requests that have not called the inner service yet, in
+//! call order.
+//!
+//! # Layout
+//!
+//! The line is a `VecDeque` of waiters sorted by *ticket*, a number the line hands out
+//! in call order. A claim remembers its ticket, not a position, so the line is free to
+//! move waiters in memory: it compacts and shrinks while requests are still waiting,
+//! and its memory follows the number of live waiters, not the longest line it ever had.
+//!
+//! A waiter whose request is dropped in the middle of the line is marked [`Status::Gone`]
+//! and left in place, so leaving is O(1) and the tickets after it keep their positions.
+//! Gone waiters are popped as soon as they reach the front, and the line is compacted
+//! once they outnumber the live ones, which keeps the cost amortized O(1) per waiter and
+//! the memory proportional to the live waiters.
+//!
+//! # Invariants
+//!
+//! 1. Tickets increase from front to back.
+//! 2. The front waiter, if any, is live (never `Gone`).
+//! 3. The live waiters holding a permit (`Granted`) are the first `granted` live waiters.
+//! 4. When some live waiter has no permit, `first_waiting` is the ticket of the first one.
+//!
+//! Finding a waiter is O(1) while no waiter in front of it has been compacted away (its
+//! index is its ticket minus the front's), and a binary search otherwise.
+
+use std::collections::VecDeque;
+use std::task::Waker;
+
+/// Waiter slots a line keeps: it never shrinks below this, so that a key with a few
+/// waiters at a time does not reallocate.
+const RETAINED_WAITERS: usize = 8;
+
+/// Waiters of one key that have not called the inner service yet, in call order.
+#[derive(Debug, Default)]
+pub(super) struct Line {
+    waiters: VecDeque<Waiter>,
+    next_ticket: u64,
+    /// Waiters whose request is still there.
+    live: u32,
+    /// Live waiters that hold a permit: the first `granted` live waiters.
+    granted: u32,
+    /// The ticket of the first live waiter without a permit, when there is one.
+    first_waiting: u64,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    status: Status,
+    waker: Option<Waker>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// Waits for a permit.
+    Waiting,
+    /// Holds a permit, and waits for every earlier claim of its key to start.
+    Granted,
+    /// Its request was dropped; the slot is reclaimed later.
+    Gone,
+}
+
+/// What polling a waiter found.
+#[derive(Debug)]
+pub(super) enum Polled {
+    /// The waiter left the line at its front: it may start now. Carries the waker it no
+    /// longer needs.
+    Turn(Option<Waker>),
+    /// Still waiting; carries the waker replaced by the current one, if any.
+    Wait(Option<Waker>),
+    /// Still waiting, and the stored waker would not wake the current task; call again
+    /// with a clone of the current waker.
+    NeedsWaker,
+}
+
+impl Line {
+    /// True when no live waiter is left.
+    pub(super) fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Live waiters without a permit.
+    pub(super) fn waiting(&self) -> u32 {
+        self.live - self.granted
+    }
+
+    /// Live waiters, with or without a permit.
+    pub(super) fn live(&self) -> u32 {
+        self.live
+    }
+
+    /// Adds a waiter at the back; `granted` if it takes a free permit at once. Returns its
+    /// ticket.
+    ///
+    /// A granted waiter may only join when every live waiter holds a permit already
+    /// (the caller checks that a permit is free, which implies it, see invariant 2 of the
+    /// registry).
+    pub(super) fn push(&mut self, granted: bool) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let status = if granted {
+            debug_assert_eq!(self.waiting(), 0, "permits go to waiters in call order");
+            self.granted += 1;
+            Status::Granted
+        } else {
+            if self.waiting() == 0 {
+                self.first_waiting = ticket;
+            }
+            Status::Waiting
+        };
+        self.live += 1;
+        self.waiters.push_back(Waiter {
+            ticket,
+            status,
+            waker: None,
+        });
+        ticket
+    }
+
+    /// Gives free permits (`holders < permits`) to waiters in call order.
+    pub(super) fn grant(&mut self, holders: &mut u32, permits: u32) {
+        while *holders < permits && self.waiting() > 0 {
+            let index = self.index_of(self.first_waiting);
+            self.waiters[index].status = Status::Granted;
+            self.granted += 1;
+            *holders += 1;
+            self.advance_first_waiting(index + 1);
+        }
+    }
+
+    /// The waker of the front waiter if it may start now: it holds a permit and no
+    /// earlier claim is still unstarted. Taken, not cloned: the waiter is woken once and
+    /// registers again if its poll finds it cannot start after all.
+    pub(super) fn startable(&mut self, head_unstarted: bool) -> Option<Waker> {
+        match self.waiters.front_mut() {
+            Some(front) if !head_unstarted && front.status == Status::Granted => front.waker.take(),
+            _ => None,
+        }
+    }
+
+    /// Polls the waiter with `ticket`. It leaves the line if it is the front one, holds a
+    /// permit and no earlier claim is unstarted; otherwise it keeps a waker for the
+    /// current task, taking it from `fresh`, a clone the caller made before locking.
+    pub(super) fn poll(
+        &mut self,
+        ticket: u64,
+        head_unstarted: bool,
+        fresh: &mut Option<Waker>,
+        current: &Waker,
+    ) -> Polled {
+        let index = self.index_of(ticket);
+        let waiter = &mut self.waiters[index];
+        if index == 0 && waiter.status == Status::Granted && !head_unstarted {
+            let waiter = self.waiters.pop_front().expect("the front waiter exists");
+            self.live -= 1;
+            self.granted -= 1;
+            self.tidy();
+            return Polled::Turn(waiter.waker);
+        }
+        match &waiter.waker {
+            Some(stored) if stored.will_wake(current) => Polled::Wait(None),
+            _ => match fresh.take() {
+                Some(waker) => Polled::Wait(waiter.waker.replace(waker)),
+                None => Polled::NeedsWaker,
+            },
+        }
+    }
+
+    /// Removes the waiter with `ticket`, whose request was dropped. Returns whether it
+    /// held a permit, and its waker.
+    pub(super) fn leave(&mut self, ticket: u64) -> (bool, Option<Waker>) {
+        let index = self.index_of(ticket);
+        let waiter = &mut self.waiters[index];
+        let granted = waiter.status == Status::Granted;
+        waiter.status = Status::Gone;
+        let waker = waiter.waker.take();
+        self.live -= 1;
+        if granted {
+            self.granted -= 1;
+        } else if ticket == self.first_waiting {
+            self.advance_first_waiting(index + 1);
+        }
+        self.tidy();
+        (granted, waker)
+    }
+
+    /// Prepares an empty line to serve another key: no memory beyond what a line keeps.
+    pub(super) fn recycle(&mut self) {
+        debug_assert!(self.waiters.is_empty(), "an empty line has no waiter left");
+        self.waiters.shrink_to(RETAINED_WAITERS);
+    }
+
+    /// Pops gone waiters off the front (invariant 2), compacts the line once gone
+    /// waiters outnumber the live ones, and gives memory back once the line is mostly
+    /// empty.
+    fn tidy(&mut self) {
+        while self
+            .waiters
+            .front()
+            .is_some_and(|front| front.status == Status::Gone)
+        {
+            self.waiters.pop_front();
+        }
+        let len = self.waiters.len();
+        let live = self.live as usize;
+        if len - live > live && len > RETAINED_WAITERS {
+            self.waiters.retain(|waiter| waiter.status != Status::Gone);
+        }
+        let len = self.waiters.len();
+        let capacity = self.waiters.capacity();
+        if capacity > RETAINED_WAITERS && len * 8 <= capacity {
+            self.waiters.shrink_to((len * 2).max(RETAINED_WAITERS));
+        }
+    }
+
+    /// Moves `first_waiting` to the first waiting waiter at or after `index`.
+    fn advance_first_waiting(&mut self, index: usize) {
+        if let Some(next) = self
+            .waiters
+            .range(index..)
+            .find(|waiter| waiter.status == Status::Waiting)
+        {
+            self.first_waiting = next.ticket;
+        }
+    }
+
+    /// The index of the live waiter with `ticket`.
+    fn index_of(&self, ticket: u64) -> usize {
+        let front = self.waiters.front().map_or(ticket, |front| front.ticket);
+        let guess = usize::try_from(ticket - front).unwrap_or(usize::MAX);
+        match self.waiters.get(guess) {
+            Some(waiter) if waiter.ticket == ticket => guess,
+            _ => self
+                .waiters
+                .binary_search_by_key(&ticket, |waiter| waiter.ticket)
+                .expect("a live claim's waiter is in its line"),
+        }
+    }
+}

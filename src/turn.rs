@@ -1,0 +1,210 @@
+//! A request's way through the layer, shared by the response futures of every flavour.
+//!
+//! [`Turn::start`] runs inside `call()`: it classifies the request and, for
+//! `Mode::Sync(key)`, takes the request's place in its key's line. The turn is then
+//! driven by the response future:
+//!
+//! 1. wait for the claim's turn on the key (a `Mode::Sync` request only);
+//! 2. drive its own handle on the inner service to readiness;
+//! 3. call the inner service and drive the returned future.
+//!
+//! Readiness is polled only after the turn has come, so a request waiting behind its key
+//! never holds inner capacity (a `Buffer` slot, a `ConcurrencyLimit` permit) that
+//! another key could use. A `Mode::Concurrent` request whose inner service is ready in
+//! `call()` is called there and starts in step 3, in the `Passing` state, which holds
+//! nothing but the inner future.
+//!
+//! When the inner future completes, the turn drops it and hands its output back together
+//! with the claim, so that the key passes on only once the inner future is gone; the
+//! HTTP flavour keeps the claim until the response body ends.
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hash};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker, ready};
+
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::error::Overloaded;
+use crate::mode::Mode;
+use crate::policy::Policy;
+use crate::registry::{Claim, Registry};
+
+const POLLED_AFTER_COMPLETION: &str = "ResponseFuture polled after completion";
+
+pin_project! {
+    /// The state of one request; see the module docs.
+    #[project = TurnProj]
+    pub(crate) enum Turn<S, Req, F, E, K> {
+        // A Concurrent request: nothing but the inner future.
+        Passing { #[pin] future: F },
+        // Waiting for the claim's turn (a Sync request), then for readiness.
+        Waiting { service: S, request: Option<Req>, claim: Option<Claim<K>> },
+        // A Sync request that called the inner service. The claim is declared after the
+        // future, so that dropping the state drops the inner future first; it is taken
+        // out only when the inner future completes.
+        Running { #[pin] future: F, claim: Option<Claim<K>> },
+        // Rejected in `call()` by a limit.
+        Rejected { overloaded: Overloaded },
+        // A Concurrent request whose inner service failed its readiness check in `call()`.
+        Failed { error: Option<E> },
+        Done,
+    }
+}
+
+/// How a turn ends.
+#[derive(Debug)]
+pub(crate) enum Outcome<T, E, K> {
+    /// The inner service answered (or failed its readiness check). The inner future is
+    /// gone; the claim, for a `Mode::Sync` request, is still held.
+    Answered(Result<T, E>, Option<Claim<K>>),
+    /// A limit rejected the request in `call()`.
+    Rejected(Overloaded),
+}
+
+impl<S, Req, E, K> Turn<S, Req, S::Future, E, K>
+where
+    S: Service<Req, Error = E> + Clone,
+{
+    /// Classifies `request` and takes its place, inside `call()`.
+    #[inline]
+    pub(crate) fn start<P, H>(
+        inner: &mut S,
+        policy: &P,
+        registry: &Registry<K, H>,
+        request: Req,
+    ) -> Self
+    where
+        P: Policy<Req, Key = K>,
+        K: Hash + Eq,
+        H: BuildHasher,
+    {
+        match policy.classify(&request) {
+            Mode::Concurrent => {
+                // Asking without a waker is enough to learn whether the service is ready,
+                // which most are; one that is not is asked again by the response future,
+                // with the task's own waker.
+                match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
+                    Poll::Ready(Ok(())) => Turn::Passing {
+                        future: inner.call(request),
+                    },
+                    Poll::Ready(Err(error)) => Turn::Failed { error: Some(error) },
+                    Poll::Pending => Turn::Waiting {
+                        service: take_ready_handle(inner),
+                        request: Some(request),
+                        claim: None,
+                    },
+                }
+            }
+            Mode::Sync(key) => match registry.claim(key) {
+                Ok(claim) => Turn::Waiting {
+                    service: take_ready_handle(inner),
+                    request: Some(request),
+                    claim: Some(claim),
+                },
+                Err(overloaded) => Turn::Rejected { overloaded },
+            },
+        }
+    }
+}
+
+/// Takes a service's handle on the inner service for a response future, leaving a clone
+/// in its place (see "Be careful when cloning inner services" in tower-service's docs).
+fn take_ready_handle<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
+impl<S, Req, E, K> Turn<S, Req, S::Future, E, K>
+where
+    S: Service<Req, Error = E>,
+{
+    /// Drives the turn; the pass-through state is polled inline.
+    #[inline]
+    pub(crate) fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Outcome<S::Response, E, K>> {
+        if let TurnProj::Passing { future } = self.as_mut().project() {
+            let output = ready!(future.poll(cx));
+            self.set(Turn::Done);
+            return Poll::Ready(Outcome::Answered(output, None));
+        }
+        self.poll_steps(cx)
+    }
+
+    #[inline(never)]
+    fn poll_steps(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Outcome<S::Response, E, K>> {
+        loop {
+            match self.as_mut().project() {
+                TurnProj::Passing { future } => {
+                    let output = ready!(future.poll(cx));
+                    self.set(Turn::Done);
+                    return Poll::Ready(Outcome::Answered(output, None));
+                }
+                TurnProj::Waiting {
+                    service,
+                    request,
+                    claim,
+                } => {
+                    if let Some(claim) = claim {
+                        ready!(claim.poll_turn(cx));
+                    }
+                    if let Err(error) = ready!(service.poll_ready(cx)) {
+                        let claim = claim.take();
+                        self.set(Turn::Done);
+                        return Poll::Ready(Outcome::Answered(Err(error), claim));
+                    }
+                    let request = request.take().expect(POLLED_AFTER_COMPLETION);
+                    let future = service.call(request);
+                    let next = match claim.take() {
+                        Some(mut claim) => {
+                            claim.started();
+                            Turn::Running {
+                                future,
+                                claim: Some(claim),
+                            }
+                        }
+                        None => Turn::Passing { future },
+                    };
+                    self.set(next);
+                }
+                TurnProj::Running { future, claim } => {
+                    let output = ready!(future.poll(cx));
+                    let claim = claim.take();
+                    // Drops the inner future before the caller can release the claim.
+                    self.set(Turn::Done);
+                    return Poll::Ready(Outcome::Answered(output, claim));
+                }
+                TurnProj::Rejected { overloaded } => {
+                    let overloaded = *overloaded;
+                    self.set(Turn::Done);
+                    return Poll::Ready(Outcome::Rejected(overloaded));
+                }
+                TurnProj::Failed { error } => {
+                    let error = error.take().expect(POLLED_AFTER_COMPLETION);
+                    self.set(Turn::Done);
+                    return Poll::Ready(Outcome::Answered(Err(error), None));
+                }
+                TurnProj::Done => panic!("{POLLED_AFTER_COMPLETION}"),
+            }
+        }
+    }
+
+    /// What the turn is doing, for `Debug`.
+    pub(crate) fn describe(&self) -> &'static str {
+        match self {
+            Turn::Passing { .. } => "passing through",
+            Turn::Waiting { claim: Some(_), .. } => "waiting for its key's turn or readiness",
+            Turn::Waiting { claim: None, .. } => "waiting for readiness",
+            Turn::Running { .. } => "running",
+            Turn::Rejected { .. } => "rejected",
+            Turn::Failed { .. } => "failed",
+            Turn::Done => "done",
+        }
+    }
+}
