@@ -189,8 +189,9 @@ async fn queued_requests_complete_after_every_service_and_the_layer_are_dropped(
     let recorder = Recorder::default();
     let layer = SyncEngineLayer::new(by_key);
     let mut service = layer.layer(handler(&recorder));
+    // Later requests are faster: only serialization makes them end in call order.
     let calls: Vec<_> = (0..3)
-        .map(|seq| tokio::spawn(service.call(Msg::new(1, seq, 10))))
+        .map(|seq| tokio::spawn(service.call(Msg::new(1, seq, 30 - seq * 10))))
         .collect();
     drop(service);
     drop(layer);
@@ -291,4 +292,76 @@ fn wakers_are_woken_and_dropped_outside_the_shard_lock() {
     finished
         .recv_timeout(std::time::Duration::from_secs(10))
         .expect("a waker ran under a shard lock and deadlocked");
+}
+
+/// An inner future that either completes at once or never, and whose `Drop` takes a
+/// while (on the thread that drops it) before recording that it is gone.
+struct SlowToDrop {
+    seq: u64,
+    completes: bool,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl std::future::Future for SlowToDrop {
+    type Output = Result<u64, tower::BoxError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if self.completes {
+            std::task::Poll::Ready(Ok(self.seq))
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+}
+
+impl Drop for SlowToDrop {
+    fn drop(&mut self) {
+        std::thread::sleep(Duration::from_millis(50));
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("dropped {}", self.seq));
+    }
+}
+
+/// The next request of a key starts only once the previous request's inner future has
+/// been dropped, whether it completed or was cancelled. The next request runs on a
+/// thread of its own, so it would start while the inner future is still being dropped
+/// if the key were passed on first.
+#[test]
+fn the_inner_future_is_gone_before_the_next_request_starts() {
+    for cancel in [false, true] {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let inner = {
+            let log = log.clone();
+            tower::service_fn(move |msg: Msg| {
+                log.lock().unwrap().push(format!("started {}", msg.seq));
+                SlowToDrop {
+                    seq: msg.seq,
+                    completes: msg.seq != 0 || !cancel,
+                    log: log.clone(),
+                }
+            })
+        };
+        let mut service = SyncEngineLayer::new(by_key).layer(inner);
+        let mut first = Box::pin(service.call(Msg::new(1, 0, 0)));
+        let second = service.call(Msg::new(1, 1, 0));
+        let next = std::thread::spawn(move || futures::executor::block_on(second));
+        // Let the other thread register as a waiter first.
+        std::thread::sleep(Duration::from_millis(20));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let polled = first.as_mut().poll(&mut cx);
+        assert_eq!(polled.is_ready(), !cancel);
+        drop(first);
+        next.join().unwrap().unwrap();
+        let log = log.lock().unwrap().clone();
+        assert_eq!(
+            log[..3],
+            ["started 0", "dropped 0", "started 1"],
+            "cancel = {cancel}"
+        );
+    }
 }

@@ -15,6 +15,19 @@ fn by_key(msg: &Msg) -> Mode<u64> {
     Mode::Sync(msg.key)
 }
 
+/// The error of a request that must have been rejected in `call()`: its future is ready
+/// at its first poll. Fails, instead of waiting, if the request was queued.
+fn rejection<F, T>(future: F) -> BoxError
+where
+    F: std::future::Future<Output = Result<T, BoxError>>,
+{
+    match futures::FutureExt::now_or_never(future) {
+        Some(Err(error)) => error,
+        Some(Ok(_)) => panic!("the request ran instead of being rejected"),
+        None => panic!("the request was queued instead of being rejected"),
+    }
+}
+
 fn limit_of(error: &BoxError) -> Limit {
     error
         .downcast_ref::<Overloaded>()
@@ -30,7 +43,7 @@ async fn a_full_queue_rejects_at_once_and_a_dropped_waiter_stops_counting() {
     let running = tokio::spawn(service.call(Msg::new(1, 0, 100)));
     let waiting = service.call(Msg::new(1, 1, 10));
 
-    let error = service.call(Msg::new(1, 2, 10)).await.unwrap_err();
+    let error = rejection(service.call(Msg::new(1, 2, 10)));
     assert_eq!(limit_of(&error), Limit::MaxQueuePerKey);
     assert_eq!(
         error.to_string(),
@@ -52,7 +65,7 @@ async fn max_queue_zero_rejects_whenever_the_key_is_busy() {
     let layer = SyncEngineLayer::new(by_key).max_queue_per_key(0);
     let mut service = layer.layer(handler(&recorder));
     let running = tokio::spawn(service.call(Msg::new(1, 0, 100)));
-    let error = service.call(Msg::new(1, 1, 10)).await.unwrap_err();
+    let error = rejection(service.call(Msg::new(1, 1, 10)));
     assert_eq!(limit_of(&error), Limit::MaxQueuePerKey);
     running.await.unwrap().unwrap();
     assert_eq!(service.call(Msg::new(1, 2, 10)).await.unwrap(), 2);
@@ -66,7 +79,7 @@ async fn max_keys_rejects_new_keys_but_not_live_ones() {
     let a = tokio::spawn(service.call(Msg::new(1, 0, 100)));
     let b = tokio::spawn(service.call(Msg::new(2, 1, 100)));
 
-    let error = service.call(Msg::new(3, 2, 10)).await.unwrap_err();
+    let error = rejection(service.call(Msg::new(3, 2, 10)));
     assert_eq!(limit_of(&error), Limit::MaxKeys);
     assert_eq!(layer.stats().keys, 2, "a rejected key was created");
 
@@ -98,7 +111,7 @@ async fn a_flood_on_one_key_does_not_slow_the_others() {
     assert_eq!(layer.stats().queued, 4);
     let mut rejected = 0;
     for seq in 104..10_100 {
-        let error = service.call(Msg::new(1, seq, 1)).await.unwrap_err();
+        let error = rejection(service.call(Msg::new(1, seq, 1)));
         assert_eq!(limit_of(&error), Limit::MaxQueuePerKey);
         rejected += 1;
     }
@@ -137,7 +150,7 @@ async fn a_flood_of_distinct_keys_hits_max_keys_and_others_keep_their_latency() 
         if held.len() < 90 {
             held.push(future);
         } else {
-            let error = future.await.unwrap_err();
+            let error = rejection(future);
             assert_eq!(limit_of(&error), Limit::MaxKeys);
             rejected += 1;
         }

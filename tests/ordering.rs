@@ -398,3 +398,78 @@ async fn service_builder_ext_adds_the_layer() {
         .service(handler(&recorder));
     assert_orders_one_key(service, &recorder).await;
 }
+
+#[tokio::test]
+async fn every_finished_future_panics_with_the_same_message_when_polled_again() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    let recorder = Recorder::default();
+    let layer = SyncEngineLayer::new(|msg: &Msg| {
+        if msg.seq == 0 {
+            Mode::Sync(msg.key)
+        } else {
+            Mode::Concurrent
+        }
+    })
+    .max_queue_per_key(0);
+    let mut service = layer.layer(handler(&recorder));
+    let held = service.call(Msg::new(1, 0, 0));
+    for (label, future) in [
+        ("sync", service.call(Msg::new(2, 0, 0))),
+        ("concurrent", service.call(Msg::new(1, 1, 0))),
+        ("rejected", service.call(Msg::new(1, 0, 0))),
+    ] {
+        let mut future = task::spawn(future);
+        while future.poll().is_pending() {}
+        let panic = catch_unwind(AssertUnwindSafe(|| future.poll())).unwrap_err();
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied());
+        assert_eq!(
+            message,
+            Some("ResponseFuture polled after completion"),
+            "{label}"
+        );
+    }
+    drop(held);
+    assert!(layer.stats().is_idle());
+}
+
+#[tokio::test]
+async fn a_granted_waiter_polled_before_the_one_ahead_of_it_does_not_start() {
+    let recorder = Recorder::default();
+    let mut service = SyncEngineLayer::new(by_key)
+        .permits_per_key(3)
+        .layer(handler(&recorder));
+    // All three hold a permit; 0 is the head, 1 and 2 are granted waiters.
+    let mut first = task::spawn(service.call(Msg::new(1, 0, 0)));
+    let mut second = task::spawn(service.call(Msg::new(1, 1, 0)));
+    let mut third = task::spawn(service.call(Msg::new(1, 2, 0)));
+    assert_eq!(service.stats().in_flight, 3);
+
+    assert_pending!(third.poll());
+    assert_pending!(second.poll());
+    assert!(
+        recorder.events().is_empty(),
+        "a waiter started before the head"
+    );
+    assert_pending!(first.poll());
+    assert_eq!(recorder.starts(1), [0]);
+    // The head has started, so the line's first waiter may go, but not the one after it.
+    assert_pending!(third.poll());
+    assert_eq!(
+        recorder.starts(1),
+        [0],
+        "a granted waiter overtook the one before it"
+    );
+    assert!(second.is_woken());
+    assert_pending!(second.poll());
+    assert!(third.is_woken());
+    assert_pending!(third.poll());
+    assert_eq!(recorder.starts(1), [0, 1, 2]);
+    for future in [&mut first, &mut second, &mut third] {
+        assert_ready_ok!(future.poll());
+    }
+    assert!(service.stats().is_idle());
+}

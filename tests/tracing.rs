@@ -94,3 +94,26 @@ async fn waiting_requests_report_queue_depth_and_time_waited() {
         "an uncontended request traced"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn queue_depth_counts_a_waiter_that_holds_a_spare_permit() {
+    let captured = Captured::default();
+    let _guard = tracing::subscriber::set_default(Capture(captured.clone()));
+
+    let mut service = SyncEngineLayer::new(|_: &u64| Mode::Sync(0))
+        .permits_per_key(2)
+        .layer(service_fn(|ms: u64| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, std::convert::Infallible>(ms)
+        }));
+    // The first request holds a permit and has not started; the second gets the spare
+    // permit but must still wait for the first to start: it waits, and counts itself.
+    let first = service.call(10);
+    let second = service.call(10);
+    assert_eq!(
+        *captured.lock().unwrap(),
+        [event("queued", "queue_depth", 1)]
+    );
+    let (a, b) = tokio::join!(first, second);
+    assert_eq!((a.unwrap(), b.unwrap()), (10, 10));
+}

@@ -1,38 +1,46 @@
 //! A global allocator that counts, and an inner service that allocates nothing; shared by
 //! `tests/memory.rs` and `benches/memory.rs`. Including this module installs the
 //! allocator for the whole binary.
+//!
+//! The counts are per thread: other threads of the process (another test, a runtime's
+//! workers) cannot move them, so a measurement made on one thread sees only its own
+//! allocations.
 #![allow(dead_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::future::{Ready, ready};
-use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use tower::Service;
 
 struct Counting;
 
-static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    // Constant-initialized and without destructors, so that the allocator may use them
+    // at any point of a thread's life.
+    static LIVE_BYTES: Cell<isize> = const { Cell::new(0) };
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+fn count(bytes: isize, allocations: usize) {
+    let _ = LIVE_BYTES.try_with(|live| live.set(live.get() + bytes));
+    let _ = ALLOCATIONS.try_with(|count| count.set(count.get() + allocations));
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count(layout.size() as isize, 1);
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        count(-(layout.size() as isize), 0);
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE_BYTES.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count(new_size as isize - layout.size() as isize, 1);
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -40,12 +48,14 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// Bytes allocated and not freed by this thread.
 pub fn live_bytes() -> isize {
-    LIVE_BYTES.load(Ordering::Relaxed)
+    LIVE_BYTES.with(Cell::get)
 }
 
+/// Allocations (and reallocations) made by this thread.
 pub fn allocations() -> usize {
-    ALLOCATIONS.load(Ordering::Relaxed)
+    ALLOCATIONS.with(Cell::get)
 }
 
 /// An inner service that allocates nothing, so every allocation counted is the layer's.

@@ -1,0 +1,391 @@
+//! Foreign code that panics or re-enters the layer: a key's `Drop`, a tracing
+//! subscriber, a waker's `clone`. Whatever it does, the registry ends as if the request
+//! had been dropped: its key usable, other keys untouched, no abort.
+
+mod support;
+
+use std::hash::{Hash, Hasher};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio_test::{assert_pending, assert_ready_ok, task};
+use tower::{Layer, Service, service_fn};
+use tower_sync_engine::{Mode, SyncEngineLayer};
+
+/// A key whose `Drop` panics when `explosive` is set. Equal and hashed by `id` only.
+#[derive(Debug)]
+struct Key {
+    id: u64,
+    explosive: bool,
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for Key {}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
+}
+
+impl Drop for Key {
+    fn drop(&mut self) {
+        if self.explosive && !std::thread::panicking() {
+            panic!("injected: a key's drop panicked");
+        }
+    }
+}
+
+/// A request: its key and whether the key's value panics when dropped.
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    key: u64,
+    seq: u64,
+    explosive: bool,
+}
+
+fn by_explosive_key(request: &Request) -> Mode<Key> {
+    Mode::Sync(Key {
+        id: request.key,
+        explosive: request.explosive,
+    })
+}
+
+fn request(key: u64, seq: u64) -> Request {
+    Request {
+        key,
+        seq,
+        explosive: false,
+    }
+}
+
+type Starts = Arc<Mutex<Vec<u64>>>;
+
+/// An inner service that records which request started, then answers at once.
+fn recording(
+    starts: &Starts,
+) -> impl Service<Request, Response = u64, Error = tower::BoxError> + Clone + use<> {
+    let starts = starts.clone();
+    service_fn(move |request: Request| {
+        starts.lock().unwrap().push(request.seq);
+        std::future::ready(Ok(request.seq))
+    })
+}
+
+#[test]
+fn a_key_whose_drop_panics_in_call_does_not_wedge_its_key() {
+    support::quiet_handler_panics();
+    for permits in [1, 2] {
+        let starts = Starts::default();
+        let layer = SyncEngineLayer::new(by_explosive_key).permits_per_key(permits);
+        let mut service = layer.layer(recording(&starts));
+        let mut holder = task::spawn(service.call(request(1, 0)));
+        let mut later = Vec::new();
+        // With two permits, the first of these takes the free permit as a waiter.
+        for seq in 1..permits as u64 {
+            later.push(task::spawn(service.call(request(1, seq))));
+        }
+        // The key is live, so `call` drops the caller's copy of it: that drop panics.
+        let explosive = Request {
+            key: 1,
+            seq: 99,
+            explosive: true,
+        };
+        let panicked = catch_unwind(AssertUnwindSafe(|| service.call(explosive)));
+        assert!(panicked.is_err(), "the key's drop did not run in call");
+
+        assert_ready_ok!(holder.poll());
+        for future in &mut later {
+            while future.poll().is_pending() {}
+        }
+        drop(later);
+        assert!(
+            layer.stats().is_idle(),
+            "permits {permits}: {:?}",
+            layer.stats()
+        );
+        // The key still works, and only the panicking request went missing.
+        let mut next = task::spawn(service.call(request(1, 100)));
+        assert_ready_ok!(next.poll());
+        let mut expected: Vec<u64> = (0..permits as u64).collect();
+        expected.push(100);
+        assert_eq!(*starts.lock().unwrap(), expected, "permits {permits}");
+        assert!(layer.stats().is_idle());
+    }
+}
+
+#[test]
+fn a_rejected_request_whose_key_drop_panics_leaves_nothing_behind() {
+    support::quiet_handler_panics();
+    let starts = Starts::default();
+    let layer = SyncEngineLayer::new(by_explosive_key).max_queue_per_key(0);
+    let mut service = layer.layer(recording(&starts));
+    let mut holder = task::spawn(service.call(request(1, 0)));
+    let explosive = Request {
+        key: 1,
+        seq: 1,
+        explosive: true,
+    };
+    assert!(catch_unwind(AssertUnwindSafe(|| service.call(explosive))).is_err());
+    assert_eq!(layer.stats().queued, 0);
+    assert_ready_ok!(holder.poll());
+    assert!(layer.stats().is_idle());
+}
+
+/// A subscriber that panics on the event named `fatal`, and records nothing else.
+struct PanicOn {
+    fatal: &'static str,
+    armed: AtomicBool,
+}
+
+impl PanicOn {
+    fn new(fatal: &'static str) -> Self {
+        PanicOn {
+            fatal,
+            armed: AtomicBool::new(true),
+        }
+    }
+}
+
+impl tracing::Subscriber for PanicOn {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        metadata.target() == "tower_sync_engine"
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        // Panics once, so the test can go on using the layer with the subscriber set.
+        if message.0 == self.fatal && self.armed.swap(false, Ordering::SeqCst) {
+            panic!("injected: a subscriber panicked on {}", self.fatal);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+fn plain(request: &Request) -> Mode<u64> {
+    Mode::Sync(request.key)
+}
+
+#[cfg(feature = "tracing")]
+#[test]
+fn a_subscriber_that_panics_on_queued_leaves_no_phantom_waiter() {
+    support::quiet_handler_panics();
+    let _subscriber = tracing::subscriber::set_default(PanicOn::new("queued"));
+    let starts = Starts::default();
+    let layer = SyncEngineLayer::new(plain);
+    let mut service = layer.layer(recording(&starts));
+    let mut holder = task::spawn(service.call(request(1, 0)));
+    assert!(catch_unwind(AssertUnwindSafe(|| service.call(request(1, 1)))).is_err());
+    assert_eq!(
+        layer.stats().queued,
+        0,
+        "the panicking request is still queued"
+    );
+
+    assert_ready_ok!(holder.poll());
+    assert!(layer.stats().is_idle(), "{:?}", layer.stats());
+    let mut next = task::spawn(service.call(request(1, 2)));
+    assert_ready_ok!(next.poll());
+    assert_eq!(*starts.lock().unwrap(), [0, 2]);
+}
+
+/// Every key hashes alike, so that all of them share one shard and its table.
+#[derive(Clone, Default)]
+struct OneShard;
+
+impl std::hash::BuildHasher for OneShard {
+    type Hasher = Constant;
+    fn build_hasher(&self) -> Constant {
+        Constant
+    }
+}
+
+struct Constant;
+
+impl Hasher for Constant {
+    fn finish(&self) -> u64 {
+        7
+    }
+    fn write(&mut self, _: &[u8]) {}
+}
+
+#[cfg(feature = "tracing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_panics_on_admitted_leaves_the_shard_whole() {
+    support::quiet_handler_panics();
+    let subscriber = Arc::new(PanicOn::new("admitted"));
+    let _subscriber = tracing::subscriber::set_default(subscriber.clone());
+    let starts = Starts::default();
+    let layer = SyncEngineLayer::new(plain).with_hasher(OneShard);
+    let slow = {
+        let starts = starts.clone();
+        service_fn(move |request: Request| {
+            let starts = starts.clone();
+            async move {
+                starts.lock().unwrap().push(request.seq);
+                // Key 2's first request outlasts key 1's holder, so that the first
+                // `admitted` event is the one of key 1's waiter.
+                let millis = if request.seq == 10 { 300 } else { 20 };
+                tokio::time::sleep(Duration::from_millis(millis)).await;
+                Ok::<_, tower::BoxError>(request.seq)
+            }
+        })
+    };
+    let mut service = layer.layer(slow);
+    // Key 1: a holder and a waiter whose admission panics. Key 2, same shard: a line
+    // of its own that must come through untouched.
+    let holder = service.call(request(1, 0));
+    let doomed = service.call(request(1, 1));
+    let others: Vec<_> = (10..14).map(|seq| service.call(request(2, seq))).collect();
+    let behind = service.call(request(1, 2));
+
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    let spawn = |future| {
+        let dispatch = dispatch.clone();
+        tokio::spawn(async move {
+            let _guard = tracing::dispatcher::set_default(&dispatch);
+            future.await
+        })
+    };
+    let doomed = spawn(doomed);
+    let holder = spawn(holder);
+    let others: Vec<_> = others.into_iter().map(spawn).collect();
+    let behind = spawn(behind);
+
+    holder.await.unwrap().unwrap();
+    let error = doomed.await.unwrap_err();
+    assert!(error.is_panic(), "{error}");
+    assert_eq!(behind.await.unwrap().unwrap(), 2);
+    for (seq, other) in (10..).zip(others) {
+        assert_eq!(other.await.unwrap().unwrap(), seq);
+    }
+    let key_two: Vec<u64> = starts
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|seq| *seq >= 10)
+        .collect();
+    assert_eq!(key_two, [10, 11, 12, 13]);
+    assert!(
+        !subscriber.armed.load(Ordering::SeqCst),
+        "no admitted event fired"
+    );
+    assert!(layer.stats().is_idle(), "{:?}", layer.stats());
+}
+
+/// A waker whose `clone` reads the layer's stats, which locks every shard: cloning it
+/// under a shard's lock would deadlock.
+mod cloning_waker {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{RawWaker, RawWakerVTable, Waker};
+
+    pub struct Probe {
+        pub on_clone: Box<dyn Fn() + Send + Sync>,
+        pub clones: AtomicUsize,
+    }
+
+    static VTABLE: RawWakerVTable = RawWakerVTable::new(clone, wake, wake_by_ref, drop);
+
+    pub fn waker(probe: Arc<Probe>) -> Waker {
+        let raw = RawWaker::new(Arc::into_raw(probe).cast(), &VTABLE);
+        // SAFETY: the vtable's functions treat the pointer as the `Arc<Probe>` it came from.
+        unsafe { Waker::from_raw(raw) }
+    }
+
+    unsafe fn clone(data: *const ()) -> RawWaker {
+        // SAFETY: `data` is an `Arc<Probe>` that this waker owns.
+        let probe = unsafe { Arc::from_raw(data.cast::<Probe>()) };
+        (probe.on_clone)();
+        probe.clones.fetch_add(1, Ordering::SeqCst);
+        let cloned = Arc::clone(&probe);
+        std::mem::forget(probe);
+        RawWaker::new(Arc::into_raw(cloned).cast(), &VTABLE)
+    }
+
+    unsafe fn wake(data: *const ()) {
+        // SAFETY: as in `clone`; consumed.
+        std::mem::drop(unsafe { Arc::from_raw(data.cast::<Probe>()) });
+    }
+
+    unsafe fn wake_by_ref(_: *const ()) {}
+
+    unsafe fn drop(data: *const ()) {
+        // SAFETY: as in `clone`; consumed.
+        std::mem::drop(unsafe { Arc::from_raw(data.cast::<Probe>()) });
+    }
+}
+
+#[test]
+fn a_waker_is_cloned_outside_the_shard_lock() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let starts = Starts::default();
+        let layer = SyncEngineLayer::new(plain);
+        let mut service = layer.layer(recording(&starts));
+        let observer = layer.clone();
+        let probe = Arc::new(cloning_waker::Probe {
+            on_clone: Box::new(move || {
+                let _ = observer.stats();
+            }),
+            clones: Default::default(),
+        });
+        let waker = cloning_waker::waker(probe.clone());
+        let mut cx = Context::from_waker(&waker);
+
+        let holder = service.call(request(1, 0));
+        let mut waiting = Box::pin(service.call(request(1, 1)));
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            probe.clones.load(Ordering::SeqCst),
+            1,
+            "the waiter kept no waker"
+        );
+        drop(holder);
+        assert!(matches!(waiting.as_mut().poll(&mut cx), Poll::Ready(Ok(1))));
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a waker was cloned under a shard lock and deadlocked");
+}
+
+#[tokio::test]
+async fn a_waiter_polled_again_with_the_same_waker_clones_nothing() {
+    let starts = Starts::default();
+    let layer = SyncEngineLayer::new(plain);
+    let mut service = layer.layer(recording(&starts));
+    let mut holder = task::spawn(service.call(request(1, 0)));
+    let mut waiting = task::spawn(service.call(request(1, 1)));
+    // Spurious polls with the same task's waker keep the stored one.
+    for _ in 0..3 {
+        assert_pending!(waiting.poll());
+    }
+    assert_ready_ok!(holder.poll());
+    assert!(waiting.is_woken());
+    assert_ready_ok!(waiting.poll());
+    assert!(layer.stats().is_idle());
+}
