@@ -2,6 +2,10 @@
 //! library, over WebSocket and over HTTP long-polling, on a multi-threaded runtime.
 //!
 //! Every wait is bounded, so a lost event fails the test instead of hanging it.
+//!
+//! The client is sioc, which numbers its acks. rust_socketio 0.6 draws each ack id at
+//! random below 999: with twenty acks in flight, about one time in six two of them share
+//! an id, and an answer goes to the wrong callback.
 
 #[allow(dead_code)]
 #[path = "../examples/socketio.rs"]
@@ -264,7 +268,7 @@ async fn typing_is_concurrent_and_does_not_wait_behind_work() {
 
     let work = typist
         .tx
-        .emit(Work(json!({ "seq": 1, "delay_ms": 1_000 })))
+        .emit(Work(json!({ "seq": 1, "delay_ms": 500 })))
         .await
         .unwrap();
     let typing = typist.tx.emit(Typing(json!({}))).await.unwrap();
