@@ -6,6 +6,8 @@
 //! ```
 //!
 //! Each model checks, over every interleaving loom explores:
+//! - the inner service is called in the order of `call()` (the probe records its calls,
+//!   and callers on several threads record their `call()` order under a lock);
 //! - never more than `permits_per_key` handlers of a key run at once (the probe service
 //!   asserts it while a handler is mid-flight);
 //! - no lost hand-off: every request that is not dropped completes (loom reports a
@@ -18,7 +20,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use loom::future::block_on;
-use loom::sync::Arc;
+use loom::sync::{Arc, Mutex};
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::thread;
 use tower_layer::Layer;
@@ -31,6 +33,8 @@ use tower_sync_engine::{Mode, SyncEngine, SyncEngineLayer};
 struct Probe {
     running: Arc<AtomicUsize>,
     permits: usize,
+    /// Requests in the order the inner service was called with them.
+    called: Arc<Mutex<Vec<u32>>>,
 }
 
 struct ProbeFuture {
@@ -50,6 +54,7 @@ impl Service<u32> for Probe {
     }
 
     fn call(&mut self, request: u32) -> ProbeFuture {
+        self.called.lock().unwrap().push(request);
         ProbeFuture {
             running: self.running.clone(),
             permits: self.permits,
@@ -91,14 +96,46 @@ fn one_key(_: &u32) -> Mode<u8> {
     Mode::Sync(0)
 }
 
-fn engine(permits: usize) -> (SyncEngineLayer<Policy, u8>, Engine) {
+/// A layer over the probe, and what it records.
+struct Model {
+    layer: SyncEngineLayer<Policy, u8>,
+    service: Engine,
+    /// Requests in the order of their `call()`, where threads race to call.
+    calls: Arc<Mutex<Vec<u32>>>,
+    called: Arc<Mutex<Vec<u32>>>,
+}
+
+fn engine(permits: usize) -> Model {
     let layer = SyncEngineLayer::new(one_key as Policy).permits_per_key(permits);
+    let called = Arc::new(Mutex::new(Vec::new()));
     let probe = Probe {
         running: Arc::new(AtomicUsize::new(0)),
         permits,
+        called: called.clone(),
     };
     let service = layer.layer(probe);
-    (layer, service)
+    Model {
+        layer,
+        service,
+        calls: Arc::new(Mutex::new(Vec::new())),
+        called,
+    }
+}
+
+/// Calls `service` and records the call's place, atomically.
+fn call_recorded(
+    service: &mut Engine,
+    calls: &Mutex<Vec<u32>>,
+    request: u32,
+) -> tower_sync_engine::ResponseFuture<Probe, u32, u8> {
+    let mut calls = calls.lock().unwrap();
+    calls.push(request);
+    service.call(request)
+}
+
+/// The inner service was called with `expected`, in that order.
+fn assert_called(model_called: &Mutex<Vec<u32>>, expected: &[u32]) {
+    assert_eq!(*model_called.lock().unwrap(), expected, "inner call order");
 }
 
 /// Explores the interleavings of `test` with up to `preemptions` forced thread switches.
@@ -111,19 +148,28 @@ fn model(preemptions: usize, test: impl Fn() + Sync + Send + 'static) {
 #[test]
 fn two_callers_on_one_key_race_with_a_release() {
     model(3, || {
-        let (layer, mut service) = engine(1);
+        let Model {
+            layer,
+            mut service,
+            calls,
+            called,
+        } = engine(1);
         let holder = service.call(0);
         let callers: Vec<_> = [1, 2]
             .into_iter()
             .map(|request| {
                 let mut service = service.clone();
-                thread::spawn(move || block_on(service.call(request)).unwrap())
+                let calls = calls.clone();
+                thread::spawn(move || {
+                    block_on(call_recorded(&mut service, &calls, request)).unwrap()
+                })
             })
             .collect();
         drop(holder);
         for caller in callers {
             caller.join().unwrap();
         }
+        assert_called(&called, &calls.lock().unwrap());
         assert!(layer.stats().is_idle());
     });
 }
@@ -131,7 +177,12 @@ fn two_callers_on_one_key_race_with_a_release() {
 #[test]
 fn a_waiter_dropped_while_the_key_is_handed_to_it() {
     model(3, || {
-        let (layer, mut service) = engine(1);
+        let Model {
+            layer,
+            mut service,
+            called,
+            ..
+        } = engine(1);
         let holder = service.call(0);
         let handed = service.call(1);
         let last = service.call(2);
@@ -140,6 +191,7 @@ fn a_waiter_dropped_while_the_key_is_handed_to_it() {
         assert_eq!(block_on(last).unwrap(), 2);
         release.join().unwrap();
         cancel.join().unwrap();
+        assert_called(&called, &[2]);
         assert!(layer.stats().is_idle());
     });
 }
@@ -147,7 +199,12 @@ fn a_waiter_dropped_while_the_key_is_handed_to_it() {
 #[test]
 fn the_last_release_races_with_a_new_admission() {
     model(3, || {
-        let (layer, mut service) = engine(1);
+        let Model {
+            layer,
+            mut service,
+            called,
+            ..
+        } = engine(1);
         let mut holder = service.call(0);
         let release = thread::spawn(move || {
             // Run the handler to completion: the key goes idle and its entry is removed.
@@ -157,6 +214,9 @@ fn the_last_release_races_with_a_new_admission() {
         let admit = thread::spawn(move || block_on(newcomer.call(1)).unwrap());
         release.join().unwrap();
         assert_eq!(admit.join().unwrap(), 1);
+        // The holder was called first, so it ran first even if the newcomer's thread
+        // polled first.
+        assert_called(&called, &[0, 1]);
         assert!(layer.stats().is_idle());
     });
 }
@@ -164,17 +224,26 @@ fn the_last_release_races_with_a_new_admission() {
 #[test]
 fn two_permits_with_three_callers() {
     model(2, || {
-        let (layer, service) = engine(2);
+        let Model {
+            layer,
+            service,
+            calls,
+            called,
+        } = engine(2);
         let callers: Vec<_> = [1, 2, 3]
             .into_iter()
             .map(|request| {
                 let mut service = service.clone();
-                thread::spawn(move || block_on(service.call(request)).unwrap())
+                let calls = calls.clone();
+                thread::spawn(move || {
+                    block_on(call_recorded(&mut service, &calls, request)).unwrap()
+                })
             })
             .collect();
         for caller in callers {
             caller.join().unwrap();
         }
+        assert_called(&called, &calls.lock().unwrap());
         assert!(layer.stats().is_idle());
     });
 }
@@ -182,7 +251,12 @@ fn two_permits_with_three_callers() {
 #[test]
 fn a_dropped_waiter_in_a_two_permit_line_passes_its_grant_on() {
     model(3, || {
-        let (layer, mut service) = engine(2);
+        let Model {
+            layer,
+            mut service,
+            called,
+            ..
+        } = engine(2);
         let first = service.call(0);
         let second = service.call(1);
         let third = service.call(2);
@@ -191,6 +265,32 @@ fn a_dropped_waiter_in_a_two_permit_line_passes_its_grant_on() {
         assert_eq!(block_on(third).unwrap(), 2);
         drop_first.join().unwrap();
         drop_second.join().unwrap();
+        assert_called(&called, &[2]);
+        assert!(layer.stats().is_idle());
+    });
+}
+
+#[test]
+fn calls_polled_on_three_threads_start_in_call_order() {
+    model(2, || {
+        let Model {
+            layer,
+            mut service,
+            called,
+            ..
+        } = engine(2);
+        // 0 is the head; 1 is a granted waiter; 2 waits for a permit. Each is driven on
+        // a thread of its own, in any order loom picks.
+        let threads: Vec<_> = (0..3)
+            .map(|request| {
+                let future = service.call(request);
+                thread::spawn(move || block_on(future).unwrap())
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_called(&called, &[0, 1, 2]);
         assert!(layer.stats().is_idle());
     });
 }
