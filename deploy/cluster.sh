@@ -74,6 +74,7 @@ run="$(mktemp -d "${TMPDIR:-/tmp}/tower-sync-engine-cluster.XXXXXX")"
 chmod 755 "$run"
 
 pids=()
+# shellcheck disable=SC2317 # run by the trap below
 cleanup() {
     trap - EXIT INT TERM
     # Only what this script started, by the ids it recorded, and only those still
@@ -91,6 +92,7 @@ cleanup() {
     rm -rf "$run"
 }
 trap cleanup EXIT
+# Ctrl-C and `kill`: exit, and so run the cleanup.
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -104,7 +106,8 @@ done
 for i in $(seq 1 "$instances"); do
     pid="${pids[$((i - 1))]}"
     instance_addr=""
-    for _ in $(seq 1 100); do
+    deadline=$((SECONDS + 10))
+    while [[ $SECONDS -lt $deadline ]]; do
         instance_addr="$(sed -n 's/^listening on //p' "$run/instance-$i.log")"
         [[ -z "$instance_addr" ]] || break
         kill -0 "$pid" 2>/dev/null || break
@@ -134,18 +137,18 @@ pids+=("$nginx_pid")
 
 # A request answered with 200 and an x-served-by header.
 answers() {
-    curl --silent --show-error --fail --max-time 2 --include --request POST \
-        "http://$1/work?ms=0&tag=ready" 2>/dev/null | grep -qi '^x-served-by:'
+    local response
+    response="$(curl --silent --fail --max-time 2 --include --request POST \
+        "http://$1/work?ms=0&tag=ready")" || return 1
+    grep -qi '^x-served-by:' <<<"$response"
 }
 
 for instance_addr in "${addrs[@]}"; do
     answers "$instance_addr" || { echo "instance $instance_addr does not answer" >&2; exit 1; }
 done
 ready=""
-for _ in $(seq 1 100); do
-    if ! kill -0 "$nginx_pid" 2>/dev/null; then
-        break
-    fi
+deadline=$((SECONDS + 10))
+while [[ $SECONDS -lt $deadline ]] && kill -0 "$nginx_pid" 2>/dev/null; do
     if answers "$addr"; then
         ready=yes
         break
