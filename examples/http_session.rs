@@ -12,6 +12,9 @@
 //!
 //! Errors become responses the axum way, with `HandleErrorLayer`:
 //! `Overloaded` → 503 Service Unavailable, timeout → 408 Request Timeout.
+//!
+//! Every response carries `x-served-by: ADDR`, the instance's listening address, so that
+//! behind a load balancer (`deploy/cluster.sh`) a client sees where each request went.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,7 +22,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{Query, Request};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::Response;
 use axum::routing::post;
 use serde::Deserialize;
 use tower::timeout::error::Elapsed;
@@ -30,6 +34,9 @@ use tower_sync_engine::{Mode, SyncEngineLayer};
 
 /// The header that names a session.
 pub const SESSION: &str = "x-session-id";
+
+/// The response header that names the instance that served a request.
+pub const SERVED_BY: &str = "x-served-by";
 
 #[derive(Deserialize)]
 struct Work {
@@ -75,6 +82,20 @@ pub fn app(max_queue_per_session: usize) -> Router {
         )
 }
 
+/// Adds `x-served-by: ADDR` to every response of `app`, errors included.
+pub fn served_by(app: Router, instance: SocketAddr) -> Router {
+    let name = HeaderValue::try_from(instance.to_string()).expect("an address is a header value");
+    app.layer(axum::middleware::map_response(
+        move |mut response: Response| {
+            let name = name.clone();
+            async move {
+                response.headers_mut().insert(SERVED_BY, name);
+                response
+            }
+        },
+    ))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     tracing_subscriber::fmt()
@@ -96,6 +117,7 @@ async fn main() -> Result<(), BoxError> {
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    axum::serve(listener, app(16)).await?;
+    let app = served_by(app(16), listener.local_addr()?);
+    axum::serve(listener, app).await?;
     Ok(())
 }
