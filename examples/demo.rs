@@ -23,7 +23,7 @@ use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 use tower_sync_engine::{Mode, SyncEngineLayer};
 
 /// Message number and how long the backend takes to answer its fetch.
-const MESSAGES: [(u64, u64); 4] = [(1, 400), (2, 100), (3, 250), (4, 20)];
+const MESSAGES: [(u64, u64); 4] = [(1, 800), (2, 200), (3, 500), (4, 20)];
 
 /// What the connection sends.
 struct Message {

@@ -58,34 +58,16 @@
 //!
 //! # Guarantees
 //!
-//! For one ordering domain (one [`SyncEngineLayer`] value, every service it builds and
-//! every clone of those):
-//!
-//! 1. **Order is fixed in `call()`.** If `call(a)` returns before `call(b)` begins and
-//!    both are `Mode::Sync(k)`, the inner service is called with `a` before `b`, and with
-//!    one permit per key (the default) only after `a`'s response future has completed or
-//!    been dropped. With [`permits_per_key(n)`](SyncEngineLayer::permits_per_key), at
-//!    most `n` requests of a key are between their inner call and their completion at
-//!    once, and they are called in call order. This holds however the response futures
-//!    are polled: spawned in reverse order, polled late, or polled on other threads.
-//! 2. **`Mode::Concurrent` requests are never delayed** by any key's queue, take no lock
-//!    and allocate nothing of their own.
-//! 3. **Cancellation is safe.** Dropping a response future at any point (queued, given
-//!    the key but not yet polled again, running) passes the key to the next request
-//!    and frees the dropped request's place at once. A panic in the inner service, or a
-//!    timeout around this layer, is such a drop.
-//! 4. **Idle keys cost nothing.** A key's state exists only while a request holds or
-//!    waits for it, and is removed in the same step that makes the key idle. After a
-//!    burst the registry shrinks back to its idle size: each shard keeps room for a few
-//!    keys and waiters, so that steady traffic does not allocate.
-//! 5. **Bounded on request.** With [`max_queue_per_key`](SyncEngineLayer::max_queue_per_key)
-//!    and [`max_keys`](SyncEngineLayer::max_keys), a request over the limit is rejected
-//!    at once with [`error::Overloaded`]; it waits for nothing and leaves nothing behind.
+#![doc = include_str!("../docs/guarantees.md")]
 //!
 //! # What is not guaranteed
 //!
 //! - **A handler that waits for its own key deadlocks.** A handler for key `k` that calls
 //!   the same domain with `Mode::Sync(k)` and awaits the response waits for itself.
+//! - **A policy or key that panics, or a key type whose `Hash` is constant, is not made
+//!   good.** A panicking request is dropped (guarantee 6); keys that all hash alike make
+//!   every request compare its key with every live key (see
+//!   [`with_hasher`](SyncEngineLayer::with_hasher)).
 //! - **A response future that is never polled holds its place.** The key passes on when
 //!   the future completes or is dropped; a future that is kept but never polled again
 //!   blocks the requests behind it. Spawn the futures, or put a timeout around them.

@@ -1,7 +1,7 @@
 //! The synchronization primitives the registry is built on.
 //!
 //! Under `cfg(loom)` they are loom's instrumented versions, so the model tests in
-//! `tests/loom.rs` explore every interleaving of the real registry code.
+//! `tests/loom/tests/registry.rs` explore every interleaving of the real registry code.
 
 #[cfg(loom)]
 pub(crate) use loom::sync::{

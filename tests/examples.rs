@@ -41,7 +41,8 @@ async fn demo_prints_send_order_for_sync_and_completion_order_for_concurrent() {
             .clone()
     };
     assert_eq!(line("sync:"), "sync: 1 2 3 4");
-    // The backend takes 400, 100, 250 and 20 ms for messages 1 to 4.
+    // The backend takes 800, 200, 500 and 20 ms for messages 1 to 4: at least 180 ms
+    // between any two, so a loaded machine cannot swap them.
     assert_eq!(line("concurrent:"), "concurrent: 4 2 3 1");
 }
 
@@ -179,8 +180,9 @@ async fn reply_seqs(client: &mut Client, count: usize) -> Vec<u64> {
     seqs
 }
 
-/// Slow first, fast later: only the layer can make the replies come in send order.
-const FRAMES: [(u64, u64); 4] = [(1, 400), (2, 100), (3, 250), (4, 0)];
+/// Slow first, fast later: only the layer can make the replies come in send order. The
+/// delays are at least 200 ms apart, so a loaded machine cannot swap two replies.
+const FRAMES: [(u64, u64); 4] = [(1, 800), (2, 200), (3, 500), (4, 0)];
 
 #[tokio::test]
 async fn websocket_sync_replies_in_send_order() {
@@ -203,7 +205,8 @@ async fn websocket_connections_do_not_wait_for_each_other() {
     let url = start_server(websocket::ServerMode::Sync).await;
     let mut slow = connect(&url).await;
     let mut fast = connect(&url).await;
-    send_frames(&mut slow, &[(1, 2_000)]).await;
+    // Far longer than the fast reply can take, even on a loaded machine.
+    send_frames(&mut slow, &[(1, 5_000)]).await;
     send_frames(&mut fast, &[(7, 0)]).await;
     assert_eq!(reply_seqs(&mut fast, 1).await, [7]);
     // The fast connection's reply came while the slow connection's handler still ran.
