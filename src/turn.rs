@@ -37,18 +37,22 @@ pin_project! {
     /// The state of one request; see the module docs.
     #[project = TurnProj]
     pub(crate) enum Turn<S, Req, F, E, K> {
-        // A Concurrent request: nothing but the inner future.
-        Passing { #[pin] future: F },
+        // A Concurrent request: nothing but the inner future, and whether it has
+        // completed (so that polling again panics with this crate's message without
+        // dropping anything on the fast path).
+        Passing { #[pin] future: F, finished: bool },
         // Waiting for the claim's turn (a Sync request), then for readiness.
         Waiting { service: S, request: Option<Req>, claim: Option<Claim<K>> },
         // A Sync request that called the inner service. The claim is declared after the
-        // future, so that dropping the state drops the inner future first; it is taken
-        // out only when the inner future completes.
-        Running { #[pin] future: F, claim: Option<Claim<K>> },
+        // future, so that dropping the state drops the inner future first. When the
+        // inner future completes, it is dropped in place and the claim is taken out;
+        // both are then `None`.
+        Running { #[pin] future: Option<F>, claim: Option<Claim<K>> },
         // Rejected in `call()` by a limit.
         Rejected { overloaded: Overloaded },
-        // A Concurrent request whose inner service failed its readiness check in `call()`.
-        Failed { error: Option<E> },
+        // The inner service failed its readiness check in `call()`; a Sync request still
+        // holds its claim until the error is returned.
+        Failed { error: Option<E>, claim: Option<Claim<K>> },
         Done,
     }
 }
@@ -88,8 +92,12 @@ where
                 match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
                     Poll::Ready(Ok(())) => Turn::Passing {
                         future: inner.call(request),
+                        finished: false,
                     },
-                    Poll::Ready(Err(error)) => Turn::Failed { error: Some(error) },
+                    Poll::Ready(Err(error)) => Turn::Failed {
+                        error: Some(error),
+                        claim: None,
+                    },
                     Poll::Pending => Turn::Waiting {
                         service: take_ready_handle(inner),
                         request: Some(request),
@@ -98,6 +106,29 @@ where
                 }
             }
             Mode::Sync(key) => match registry.claim(key) {
+                // The key was free: the turn has come already, and a ready inner service
+                // is called at once, as for a Concurrent request.
+                Ok(mut claim) if claim.is_head() => {
+                    match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
+                        Poll::Ready(Ok(())) => {
+                            let future = inner.call(request);
+                            claim.started();
+                            Turn::Running {
+                                future: Some(future),
+                                claim: Some(claim),
+                            }
+                        }
+                        Poll::Ready(Err(error)) => Turn::Failed {
+                            error: Some(error),
+                            claim: Some(claim),
+                        },
+                        Poll::Pending => Turn::Waiting {
+                            service: take_ready_handle(inner),
+                            request: Some(request),
+                            claim: Some(claim),
+                        },
+                    }
+                }
                 Ok(claim) => Turn::Waiting {
                     service: take_ready_handle(inner),
                     request: Some(request),
@@ -121,17 +152,28 @@ where
     S: Service<Req, Error = E>,
 {
     /// Drives the turn; the pass-through state is polled inline.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn poll(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Outcome<S::Response, E, K>> {
-        if let TurnProj::Passing { future } = self.as_mut().project() {
-            let output = ready!(future.poll(cx));
-            self.set(Turn::Done);
-            return Poll::Ready(Outcome::Answered(output, None));
+        match self.as_mut().project() {
+            TurnProj::Passing { future, finished } if !*finished => {
+                let output = ready!(future.poll(cx));
+                *finished = true;
+                Poll::Ready(Outcome::Answered(output, None))
+            }
+            TurnProj::Running { mut future, claim } => {
+                let Some(running) = future.as_mut().as_pin_mut() else {
+                    panic!("{POLLED_AFTER_COMPLETION}");
+                };
+                let output = ready!(running.poll(cx));
+                // The inner future is dropped before the caller can release the claim.
+                future.set(None);
+                Poll::Ready(Outcome::Answered(output, claim.take()))
+            }
+            _ => self.poll_steps(cx),
         }
-        self.poll_steps(cx)
     }
 
     #[inline(never)]
@@ -141,9 +183,12 @@ where
     ) -> Poll<Outcome<S::Response, E, K>> {
         loop {
             match self.as_mut().project() {
-                TurnProj::Passing { future } => {
+                TurnProj::Passing { future, finished } => {
+                    if *finished {
+                        panic!("{POLLED_AFTER_COMPLETION}");
+                    }
                     let output = ready!(future.poll(cx));
-                    self.set(Turn::Done);
+                    *finished = true;
                     return Poll::Ready(Outcome::Answered(output, None));
                 }
                 TurnProj::Waiting {
@@ -165,30 +210,28 @@ where
                         Some(mut claim) => {
                             claim.started();
                             Turn::Running {
-                                future,
+                                future: Some(future),
                                 claim: Some(claim),
                             }
                         }
-                        None => Turn::Passing { future },
+                        None => Turn::Passing {
+                            future,
+                            finished: false,
+                        },
                     };
                     self.set(next);
                 }
-                TurnProj::Running { future, claim } => {
-                    let output = ready!(future.poll(cx));
-                    let claim = claim.take();
-                    // Drops the inner future before the caller can release the claim.
-                    self.set(Turn::Done);
-                    return Poll::Ready(Outcome::Answered(output, claim));
-                }
+                TurnProj::Running { .. } => return self.poll(cx),
                 TurnProj::Rejected { overloaded } => {
                     let overloaded = *overloaded;
                     self.set(Turn::Done);
                     return Poll::Ready(Outcome::Rejected(overloaded));
                 }
-                TurnProj::Failed { error } => {
+                TurnProj::Failed { error, claim } => {
                     let error = error.take().expect(POLLED_AFTER_COMPLETION);
+                    let claim = claim.take();
                     self.set(Turn::Done);
-                    return Poll::Ready(Outcome::Answered(Err(error), None));
+                    return Poll::Ready(Outcome::Answered(Err(error), claim));
                 }
                 TurnProj::Done => panic!("{POLLED_AFTER_COMPLETION}"),
             }
@@ -198,10 +241,16 @@ where
     /// What the turn is doing, for `Debug`.
     pub(crate) fn describe(&self) -> &'static str {
         match self {
-            Turn::Passing { .. } => "passing through",
+            Turn::Passing {
+                finished: false, ..
+            } => "passing through",
+            Turn::Passing { finished: true, .. } => "done",
             Turn::Waiting { claim: Some(_), .. } => "waiting for its key's turn or readiness",
             Turn::Waiting { claim: None, .. } => "waiting for readiness",
-            Turn::Running { .. } => "running",
+            Turn::Running {
+                future: Some(_), ..
+            } => "running",
+            Turn::Running { future: None, .. } => "done",
             Turn::Rejected { .. } => "rejected",
             Turn::Failed { .. } => "failed",
             Turn::Done => "done",

@@ -303,6 +303,12 @@ impl<K> ShardCell<K> {
 }
 
 impl<K> Claim<K> {
+    /// True when the claim may call the inner service now.
+    #[inline]
+    pub(crate) fn is_head(&self) -> bool {
+        matches!(self.state, ClaimState::Holding { .. })
+    }
+
     /// Resolves once this claim is the head of its key and may call the inner service.
     #[inline]
     pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {

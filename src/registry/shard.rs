@@ -306,7 +306,9 @@ impl<K> Shard<K> {
                 self.spare_line = Some(line);
             }
         }
-        self.after_removal();
+        if self.keys.capacity() > RETAINED_KEYS {
+            self.after_removal();
+        }
         Deferred {
             wake: None,
             stale,
@@ -332,8 +334,8 @@ impl<K> Shard<K> {
     /// Gives table memory back after a burst, with hysteresis: the table shrinks only
     /// when it is eight times larger than the recent peak of live keys, to twice that
     /// peak, and back to `RETAINED_KEYS` when it empties after holding four times that
-    /// many. A load that swings within those bounds never reallocates.
-    #[inline]
+    /// many. A load that swings within those bounds never reallocates. A table of
+    /// `RETAINED_KEYS` never shrinks, so this runs only for larger ones.
     fn after_removal(&mut self) {
         let len = self.keys.len();
         let before = u32::try_from(len + 1).unwrap_or(u32::MAX >> 8);
@@ -342,9 +344,6 @@ impl<K> Shard<K> {
             .demand
             .max(before.saturating_mul(DEMAND_ONE).min(u32::MAX >> 1));
         let capacity = self.keys.capacity();
-        if capacity <= RETAINED_KEYS {
-            return;
-        }
         let target = if len == 0 && capacity > 4 * RETAINED_KEYS {
             RETAINED_KEYS
         } else {
