@@ -44,16 +44,18 @@ use crate::turn::Turn;
 ///
 /// # Readiness
 ///
-/// [`SyncEngine::poll_ready`] is always ready. A `Mode::Sync` call takes the service's
-/// handle on the inner service (leaving a clone in its place, as tower-service's docs
-/// recommend) and moves it into the response future, which drives `poll_ready` on it
-/// only once the request's turn has come, immediately before calling it. This is the
-/// arrangement of tower's `Oneshot` and `Steer` and of axum's `HandleError`.
+/// [`SyncEngine::poll_ready`] is always ready. A `Mode::Sync` call that has to wait for
+/// its key takes the service's handle on the inner service (leaving a clone in its place,
+/// as tower-service's docs recommend) and moves it into the response future, which
+/// drives `poll_ready` on it only once the request's turn has come, immediately before
+/// calling it. This is the arrangement of tower's `Oneshot` and `Steer` and of axum's
+/// `HandleError`.
 ///
-/// A `Mode::Concurrent` call asks the inner service whether it is ready (polling it with
-/// a no-op waker) and, if it is, calls it at once: the response future is then the inner
-/// future in a thin wrapper. If it is not ready, the response future waits for readiness
-/// as above, with its own waker and no key.
+/// A `Mode::Concurrent` call, and a `Mode::Sync` call whose key is free (its turn has
+/// come at once), ask the inner service whether it is ready (polling it with a no-op
+/// waker) and, if it is, call it at once: the response future then only drives the inner
+/// future. If it is not ready, the response future waits for readiness as above, with
+/// its own waker (and, for `Mode::Sync`, holding the key).
 ///
 /// This means:
 ///

@@ -2,9 +2,10 @@
 //! checked step by step against a reference model of the contract.
 //!
 //! The model is the contract in its simplest form: per key, the requests not yet
-//! started form a FIFO in call order; the front one starts when it is polled and fewer
-//! than `permits` of its key are running; a running request holds its permit until its
-//! response future is polled to completion or dropped. After every step the test
+//! started form a FIFO in call order; a request whose key has nobody waiting and a free
+//! permit starts in `call()` (the inner service is ready); otherwise the front one starts
+//! when it is polled and fewer than `permits` of its key are running; a running request
+//! holds its permit until its response future is polled to completion or dropped. After every step the test
 //! checks the order in which the inner service was called, readiness, `stats()`, and
 //! that every request the model says may start now has been woken.
 
@@ -171,6 +172,13 @@ fn run(permits: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 model.key_of.push(key);
                 model.status.push(Status::Pending);
                 model.not_started.entry(key).or_default().push_back(id);
+                if model.may_start(id) {
+                    // The key was free: the request started inside `call()`.
+                    model.not_started.get_mut(&key).unwrap().pop_front();
+                    *model.running.entry(key).or_default() += 1;
+                    model.status[id] = Status::Running { completed: false };
+                    model.called.push(id);
+                }
             }
             Op::Poll(_) | Op::Drop(_) | Op::Complete(_) if count == 0 => continue,
             Op::Poll(i) => {
