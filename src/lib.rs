@@ -190,6 +190,7 @@
 //!   `#[tokio::test(start_paused = true)]`), `waited_us` is then exact and reproducible,
 //!   which tests that assert on it need. It adds a dependency on tokio's `time` feature.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
