@@ -98,11 +98,17 @@ pub fn served_by(app: Router, instance: SocketAddr) -> Router {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    use std::io::IsTerminal;
+
+    // Quiet unless asked: `TraceLayer` logs every request at DEBUG, which under load is
+    // hundreds of megabytes. `RUST_LOG=tower_http=debug,tower_sync_engine=debug` shows
+    // each request and each wait for a session.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "warn,http_session=info,tower_sync_engine=info".into());
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "tower_http=debug,tower_sync_engine=debug".into()),
-        )
+        .with_env_filter(filter)
+        // Colour codes only for a terminal, not for a file or a pipe.
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
     let mut addr: SocketAddr = "127.0.0.1:3000".parse()?;
     let mut args = std::env::args().skip(1);

@@ -11,7 +11,7 @@ mod sealed {
     impl<L> Sealed<L> for tower::ServiceBuilder<L> {}
 }
 
-/// Adds this crate's layer to tower's [`ServiceBuilder`].
+/// Adds this crate's layer to tower's [`ServiceBuilder`](tower::ServiceBuilder).
 ///
 /// The trait is sealed: it is implemented for `ServiceBuilder` only.
 ///
@@ -33,10 +33,52 @@ mod sealed {
 /// ```
 ///
 /// For settings such as `max_queue_per_key`, build the layer and add it with
-/// [`ServiceBuilder::layer`]; keep a clone of it to read its [`stats`](SyncEngineLayer::stats).
+/// [`ServiceBuilder::layer`](tower::ServiceBuilder::layer); keep a clone of it to read
+/// its [`stats`](SyncEngineLayer::stats).
+#[cfg_attr(docsrs, doc(cfg(feature = "builder")))]
 pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     /// Orders requests with [`SyncEngineLayer::new(policy)`](SyncEngineLayer::new):
     /// a new ordering domain with default settings.
+    ///
+    /// Give the closure's parameter its type. Here the request type is only known from
+    /// the service added later, so rustc cannot infer it from `|req| …`: it stops with
+    /// E0282 "type annotations needed for `&_`", and its suggestion, `|req: &Req|`,
+    /// names this method's type parameter, not a type in your code. Write the request
+    /// type of the service below the layer:
+    ///
+    /// ```
+    /// use axum::body::Body;
+    /// use axum::http::Request;
+    /// use tower::{BoxError, ServiceBuilder, service_fn};
+    /// use tower_sync_engine::{Mode, ServiceBuilderExt};
+    ///
+    /// let service = ServiceBuilder::new()
+    ///     .sync_engine(|req: &Request<Body>| match req.headers().get("x-session-id") {
+    ///         Some(session) => Mode::Sync(session.clone()),
+    ///         None => Mode::Concurrent,
+    ///     })
+    ///     .service(service_fn(|_req: Request<Body>| async { Ok::<_, BoxError>("done") }));
+    /// # fn assert_service<S: tower::Service<Request<Body>>>(_: S) {}
+    /// # assert_service(service);
+    /// ```
+    ///
+    /// Without the annotation:
+    ///
+    /// ```compile_fail,E0282
+    /// # use axum::body::Body;
+    /// # use axum::http::Request;
+    /// # use tower::{BoxError, ServiceBuilder, service_fn};
+    /// # use tower_sync_engine::{Mode, ServiceBuilderExt};
+    /// let service = ServiceBuilder::new()
+    ///     .sync_engine(|req| match req.headers().get("x-session-id") {
+    ///         Some(session) => Mode::Sync(session.clone()),
+    ///         None => Mode::Concurrent,
+    ///     })
+    ///     .service(service_fn(|_req: Request<Body>| async { Ok::<_, BoxError>("done") }));
+    /// ```
+    ///
+    /// A function works as well as a closure: `.sync_engine(by_session)` with
+    /// `fn by_session(req: &Request<Body>) -> Mode<HeaderValue>`.
     fn sync_engine<P, K>(self, policy: P) -> ServiceBuilder<Stack<SyncEngineLayer<P, K>, L>>;
 }
 

@@ -165,8 +165,14 @@
 //! - `tracing` (default): `DEBUG` events with target `tower_sync_engine` for requests
 //!   that wait for their key: `queued` with the key's `queue_depth`, and `admitted` with
 //!   `waited_us`, the microseconds between `call()` and the request's turn. Requests that
-//!   get their key at once emit nothing.
+//!   get their key at once emit nothing. The wait is timed with `std::time::Instant`:
+//!   like the layer itself, the default features work with any runtime, or none.
+//! - `tokio-clock` (implies `tracing`): time the wait with `tokio::time::Instant`
+//!   instead. Under a paused tokio clock (tokio's `test-util` feature,
+//!   `#[tokio::test(start_paused = true)]`), `waited_us` is then exact and reproducible,
+//!   which tests that assert on it need. It adds a dependency on tokio's `time` feature.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 

@@ -12,6 +12,67 @@
 /// | connection id | TornadIO2 wrapping the whole `on_event`: one message at a time per connection |
 /// | `(connection id, event name)` | decorating one handler with `sync_engine` |
 /// | user id, document id | ordering across connections |
+///
+/// # Keys are owned
+///
+/// `K` is one type for every request, so a key cannot borrow from the request it was
+/// taken from; and the registry keeps the key while the request waits and runs, after
+/// the request itself has been moved into the inner service. Copy or clone what
+/// identifies the key:
+///
+/// ```
+/// use axum::http::{HeaderValue, Request};
+/// use tower_sync_engine::{Mode, SyncEngineLayer};
+///
+/// // A header, cloned: a `HeaderValue` clone shares the header's bytes.
+/// fn by_session(request: &Request<()>) -> Mode<HeaderValue> {
+///     match request.headers().get("x-session-id") {
+///         Some(session) => Mode::Sync(session.clone()),
+///         None => Mode::Concurrent,
+///     }
+/// }
+///
+/// // A `String`, when the key is part of something borrowed, such as the path.
+/// fn by_document(request: &Request<()>) -> Mode<String> {
+///     match request.uri().path().strip_prefix("/documents/") {
+///         Some(document) => Mode::Sync(document.to_owned()),
+///         None => Mode::Concurrent,
+///     }
+/// }
+///
+/// // An integer id, copied out of the message.
+/// struct Message { connection_id: u64 }
+/// fn by_connection(message: &Message) -> Mode<u64> {
+///     Mode::Sync(message.connection_id)
+/// }
+///
+/// let request = Request::post("/documents/42").header("x-session-id", "alice").body(())?;
+/// assert_eq!(by_session(&request), Mode::Sync(HeaderValue::from_static("alice")));
+/// assert_eq!(by_document(&request), Mode::Sync("42".to_owned()));
+/// assert_eq!(by_connection(&Message { connection_id: 7 }), Mode::Sync(7));
+///
+/// // Functions and closures alike are policies.
+/// let layer = SyncEngineLayer::new(by_session);
+/// # drop(layer);
+/// # Ok::<(), axum::http::Error>(())
+/// ```
+///
+/// A key borrowed from the request does not compile: rustc reports "lifetime may not
+/// live long enough" and "return type of closure is `Mode<&'2 str>`". Make it owned,
+/// here with `.to_owned()`, or clone the `HeaderValue` as above:
+///
+/// ```compile_fail
+/// use axum::http::Request;
+/// use tower_sync_engine::{Mode, SyncEngineLayer};
+///
+/// let layer = SyncEngineLayer::new(|request: &Request<()>| {
+///     match request.headers().get("x-session-id") {
+///         // Borrows from `request`: does not compile.
+///         Some(session) => Mode::Sync(session.to_str().unwrap()),
+///         None => Mode::Concurrent,
+///     }
+/// });
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode<K> {
     /// Run after every earlier request with the same key has completed or been dropped,

@@ -6,6 +6,36 @@
 /// The registry is sharded; the counts are summed one shard at a time, so they are exact
 /// whenever no request is being admitted or finishing at the same moment. All three are
 /// zero once every request has completed or been dropped.
+///
+/// Reading them visits every shard, so they suit a metrics gauge sampled now and then
+/// rather than a check on every request.
+///
+/// ```
+/// use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
+/// use tower_sync_engine::{Mode, SyncEngineLayer};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), BoxError> {
+/// let layer = SyncEngineLayer::new(|key: &u64| Mode::Sync(*key));
+/// let mut service = layer.layer(service_fn(|key: u64| async move { Ok::<_, BoxError>(key) }));
+///
+/// // Two requests for key 1 and one for key 2: the first of each key holds its permit
+/// // from `call()` on, the second request for key 1 waits behind the first.
+/// let first = service.ready().await?.call(1);
+/// let second = service.ready().await?.call(1);
+/// let other = service.ready().await?.call(2);
+/// let stats = layer.stats();
+/// assert_eq!((stats.keys, stats.in_flight, stats.queued), (2, 2, 1));
+/// // Every service the layer builds shares its ordering domain, and its counts.
+/// assert_eq!(service.stats(), stats);
+///
+/// assert_eq!(first.await?, 1);
+/// assert_eq!(second.await?, 1);
+/// drop(other); // dropped before it ran: its key goes idle too
+/// assert!(layer.stats().is_idle());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct Stats {

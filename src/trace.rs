@@ -7,13 +7,20 @@
 //!
 //! - `queued`, with `queue_depth`: how many requests of its key are in its line, waiting
 //!   for their turn, itself included (so at least 1);
-//! - `admitted`, with `waited_us`: microseconds from `call()` until its turn came, on
-//!   tokio's clock (so a paused clock in tests gives exact values).
+//! - `admitted`, with `waited_us`: microseconds from `call()` until its turn came.
+//!
+//! The wait is timed with `std::time::Instant`, so the events need no runtime. With the
+//! `tokio-clock` feature it is timed with `tokio::time::Instant` instead: a paused tokio
+//! clock (`tokio::time::pause`, `#[tokio::test(start_paused = true)]`) then gives exact,
+//! reproducible values.
 
 pub(crate) use self::imp::{QueuedAt, admitted, queued};
 
 #[cfg(feature = "tracing")]
 mod imp {
+    #[cfg(not(feature = "tokio-clock"))]
+    use std::time::Instant;
+    #[cfg(feature = "tokio-clock")]
     use tokio::time::Instant;
     use tracing::Level;
 

@@ -117,13 +117,14 @@ async fn permits_per_key_bounds_concurrency_and_starts_in_call_order() {
     let futures: Vec<_> = (0..9)
         .map(|seq| service.call(Msg::new(1, seq, 10 + (seq % 3) * 7)))
         .collect();
-    // Poll in reverse, by hand, so that a granted later request is polled before an
-    // earlier one that holds a permit too.
+    // The first two found the key free and were called in `call()`. Poll all in
+    // reverse, by hand: nobody else may start before a permit comes free.
     let mut futures: Vec<_> = futures.into_iter().map(task::spawn).collect();
     for future in futures.iter_mut().rev() {
         assert_pending!(future.poll());
     }
-    assert_eq!(recorder.starts(1), [0]);
+    // Their handlers record their start when first polled, here in reverse.
+    assert_eq!(recorder.starts(1), [1, 0]);
     let tasks: Vec<_> = futures
         .into_iter()
         .rev()
@@ -132,7 +133,8 @@ async fn permits_per_key_bounds_concurrency_and_starts_in_call_order() {
     for task in tasks {
         task.await.unwrap().unwrap();
     }
-    assert_eq!(recorder.starts(1), (0..9).collect::<Vec<_>>());
+    // Every later request started only once a permit came free, in call order.
+    assert_eq!(recorder.starts(1)[2..], (2..9).collect::<Vec<_>>());
     assert_eq!(recorder.max_running(1), 2);
 }
 
@@ -436,40 +438,44 @@ async fn every_finished_future_panics_with_the_same_message_when_polled_again() 
     assert!(layer.stats().is_idle());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_granted_waiter_polled_before_the_one_ahead_of_it_does_not_start() {
     let recorder = Recorder::default();
     let mut service = SyncEngineLayer::new(by_key)
-        .permits_per_key(3)
+        .permits_per_key(2)
         .layer(handler(&recorder));
-    // All three hold a permit; 0 is the head, 1 and 2 are granted waiters.
-    let mut first = task::spawn(service.call(Msg::new(1, 0, 0)));
-    let mut second = task::spawn(service.call(Msg::new(1, 1, 0)));
-    let mut third = task::spawn(service.call(Msg::new(1, 2, 0)));
-    assert_eq!(service.stats().in_flight, 3);
+    // 0 and 1 take the two permits and start in `call()`; 2 and 3 wait for a permit.
+    let mut running: Vec<_> = (0..2)
+        .map(|seq| task::spawn(service.call(Msg::new(1, seq, 10))))
+        .collect();
+    let mut second_in_line = task::spawn(service.call(Msg::new(1, 2, 10)));
+    let mut third_in_line = task::spawn(service.call(Msg::new(1, 3, 10)));
+    for future in &mut running {
+        assert_pending!(future.poll());
+    }
+    assert_eq!(recorder.starts(1), [0, 1]);
+    assert_pending!(third_in_line.poll());
+    assert_pending!(second_in_line.poll());
 
-    assert_pending!(third.poll());
-    assert_pending!(second.poll());
-    assert!(
-        recorder.events().is_empty(),
-        "a waiter started before the head"
-    );
-    assert_pending!(first.poll());
-    assert_eq!(recorder.starts(1), [0]);
-    // The head has started, so the line's first waiter may go, but not the one after it.
-    assert_pending!(third.poll());
-    assert_eq!(
-        recorder.starts(1),
-        [0],
-        "a granted waiter overtook the one before it"
-    );
-    assert!(second.is_woken());
-    assert_pending!(second.poll());
-    assert!(third.is_woken());
-    assert_pending!(third.poll());
-    assert_eq!(recorder.starts(1), [0, 1, 2]);
-    for future in [&mut first, &mut second, &mut third] {
+    // Both permits come free: 2 and 3 are granted, and neither has been polled since.
+    tokio::time::advance(Duration::from_millis(10)).await;
+    for future in &mut running {
         assert_ready_ok!(future.poll());
     }
+    assert_eq!(service.stats().in_flight, 2);
+    assert_pending!(third_in_line.poll());
+    assert_eq!(
+        recorder.starts(1),
+        [0, 1],
+        "a granted waiter overtook the one before it"
+    );
+    assert!(second_in_line.is_woken());
+    assert_pending!(second_in_line.poll());
+    assert!(third_in_line.is_woken());
+    assert_pending!(third_in_line.poll());
+    assert_eq!(recorder.starts(1), [0, 1, 2, 3]);
+    tokio::time::advance(Duration::from_millis(10)).await;
+    assert_ready_ok!(second_in_line.poll());
+    assert_ready_ok!(third_in_line.poll());
     assert!(service.stats().is_idle());
 }

@@ -1,7 +1,8 @@
 //! With the `tracing` feature, a request that waits for its key reports the queue depth
 //! when it is queued and the time it waited when it is admitted; one that does not wait
 //! reports nothing.
-#![cfg(feature = "tracing")]
+// The exact `waited_us` values below need the clock that the paused runtime controls.
+#![cfg(feature = "tokio-clock")]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -97,6 +98,8 @@ async fn waiting_requests_report_queue_depth_and_time_waited() {
 
 #[tokio::test(start_paused = true)]
 async fn queue_depth_counts_a_waiter_that_holds_a_spare_permit() {
+    use tokio_test::{assert_pending, assert_ready_ok, task};
+
     let captured = Captured::default();
     let _guard = tracing::subscriber::set_default(Capture(captured.clone()));
 
@@ -106,14 +109,24 @@ async fn queue_depth_counts_a_waiter_that_holds_a_spare_permit() {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok::<_, std::convert::Infallible>(ms)
         }));
-    // The first request holds a permit and has not started; the second gets the spare
-    // permit but must still wait for the first to start: it waits, and counts itself.
-    let first = service.call(10);
-    let second = service.call(10);
+    // 0 and 1 take both permits; 2 waits for one.
+    let mut first = task::spawn(service.call(10));
+    let mut second = task::spawn(service.call(20));
+    let mut third = task::spawn(service.call(30));
+    assert_pending!(first.poll());
+    assert_pending!(second.poll());
+    tokio::time::advance(Duration::from_millis(20)).await;
+    // 0 ends: 2 gets its permit but is not polled yet. 1 ends: a permit is free.
+    assert_ready_ok!(first.poll());
+    assert_ready_ok!(second.poll());
+    captured.lock().unwrap().clear();
+    // 3 finds a free permit, but 2 is still ahead of it in line: it waits, and counts
+    // itself and the request ahead.
+    let fourth = service.call(40);
     assert_eq!(
         *captured.lock().unwrap(),
-        [event("queued", "queue_depth", 1)]
+        [event("queued", "queue_depth", 2)]
     );
-    let (a, b) = tokio::join!(first, second);
-    assert_eq!((a.unwrap(), b.unwrap()), (10, 10));
+    let (c, d) = tokio::join!(third, fourth);
+    assert_eq!((c.unwrap(), d.unwrap()), (30, 40));
 }

@@ -8,7 +8,7 @@
 //! an id, and an answer goes to the wrong callback.
 
 #[allow(dead_code)]
-#[path = "../examples/socketio.rs"]
+#[path = "../../examples/socketio.rs"]
 mod socketio;
 
 use std::future::pending;
