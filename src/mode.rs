@@ -51,8 +51,9 @@
 /// assert_eq!(by_document(&request), Mode::Sync("42".to_owned()));
 /// assert_eq!(by_connection(&Message { connection_id: 7 }), Mode::Sync(7));
 ///
-/// // Functions and closures alike are policies.
-/// let layer = SyncEngineLayer::new(by_session);
+/// // Functions and closures alike are policies. The key type is inferred where the
+/// // layer wraps a service; a layer that wraps none yet needs it named.
+/// let layer: SyncEngineLayer<_, HeaderValue> = SyncEngineLayer::new(by_session);
 /// # drop(layer);
 /// # Ok::<(), axum::http::Error>(())
 /// ```

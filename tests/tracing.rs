@@ -112,7 +112,7 @@ async fn queue_depth_counts_a_waiter_that_holds_a_spare_permit() {
     // 0 and 1 take both permits; 2 waits for one.
     let mut first = task::spawn(service.call(10));
     let mut second = task::spawn(service.call(20));
-    let mut third = task::spawn(service.call(30));
+    let third = task::spawn(service.call(30));
     assert_pending!(first.poll());
     assert_pending!(second.poll());
     tokio::time::advance(Duration::from_millis(20)).await;
