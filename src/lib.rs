@@ -192,6 +192,8 @@
 mod builder;
 pub mod error;
 mod future;
+#[cfg(feature = "http")]
+pub mod http;
 mod layer;
 mod mode;
 mod policy;
