@@ -418,7 +418,7 @@ impl HttpBody for Scripted {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 
