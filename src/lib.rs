@@ -130,9 +130,9 @@
 //!
 //! # With axum
 //!
-//! Use the HTTP flavour, [`for_http`](SyncEngineLayer::for_http) (feature `http`, on by
-//! default). Build the layer once: axum applies it to every route and clones the service
-//! for each request, and all of those share the layer's ordering domain.
+//! Use the HTTP flavour, `SyncEngineLayer::for_http` (feature `http`, on by default).
+//! Build the layer once: axum applies it to every route and clones the service for each
+//! request, and all of those share the layer's ordering domain.
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -160,11 +160,11 @@
 //! - **A session is held until its response body has ended** or been dropped, not only
 //!   until the handler returns, so a streamed report finishes before the session's next
 //!   request starts. Routes whose bodies never end (server-sent events) should be
-//!   `Mode::Concurrent`; see [`http`] for that and for timeouts and slow readers.
+//!   `Mode::Concurrent`; see the `http` module for that and for timeouts and slow readers.
 //! - **No `HandleErrorLayer`:** the error type is the handlers' own (`Infallible`), and an
 //!   overload is answered with `503 Service Unavailable` and the
 //!   [`Overloaded`](error::Overloaded) value in the response's extensions.
-//! - **Policies:** [`http::by_header`] and [`http::by_extension`] for the usual keys, or
+//! - **Policies:** `http::by_header` and `http::by_extension` for the usual keys, or
 //!   any closure over the request.
 //!
 //! The plain layer works under axum too, with tower's usual `HandleErrorLayer` for its
