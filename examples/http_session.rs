@@ -5,7 +5,8 @@
 //! ```sh
 //! cargo run --example http_session -- --addr 127.0.0.1:3000
 //!
-//! # One session, one request at a time: `b` is answered after `a`, though it is faster.
+//! # Then, in another terminal:
+//! # one session, one request at a time: `b` is answered after `a`, though it is faster.
 //! curl -sX POST -H 'x-session-id: alice' 'http://127.0.0.1:3000/work?ms=500&tag=a' -w '\n' & sleep 0.1; curl -sX POST -H 'x-session-id: alice' 'http://127.0.0.1:3000/work?ms=10&tag=b' -w '\n'; wait
 //!
 //! # A streamed report holds its session until its last line: `after` comes after it.
