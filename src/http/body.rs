@@ -64,6 +64,7 @@ pin_project! {
 
 impl<B: Body, K> ResponseBody<B, K> {
     /// The body of an answered request; `claim` is `None` for a `Mode::Concurrent` one.
+    #[inline]
     pub(crate) fn new(inner: B, claim: Option<Claim<K>>) -> Self {
         // A body that is already at its end has nothing to wait for, and may never be
         // polled at all: the key passes on now.
@@ -74,6 +75,7 @@ impl<B: Body, K> ResponseBody<B, K> {
 
 impl<B, K> ResponseBody<B, K> {
     /// A body that holds no key.
+    #[inline]
     pub(crate) fn new_released(inner: B) -> Self {
         ResponseBody { inner, claim: None }
     }
