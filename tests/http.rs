@@ -557,6 +557,18 @@ async fn both_helpers_infer_their_key_in_both_flavours() {
                 .for_http(),
         );
 
+    // The plain flavour under axum, whose `BoxError` needs a `HandleErrorLayer`.
+    async fn unavailable(_: tower::BoxError) -> StatusCode {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+    let _: Router = Router::new()
+        .route("/edit", post(|| async { "saved" }))
+        .layer(
+            ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(unavailable))
+                .sync_engine(by_header("x-session-id")),
+        );
+
     // The plain flavour through `ServiceBuilder`, serving `Request<Body>`.
     let echo = service_fn(|_: Request<Body>| async { Ok::<_, tower::BoxError>("ok") });
     let by_session = ServiceBuilder::new()
