@@ -24,6 +24,9 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use http_body_util::Full;
+use hyper::body::{Body, Bytes};
+use hyper::http;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tower::limit::ConcurrencyLimit;
 use tower::{Layer, Service, ServiceExt};
@@ -462,12 +465,103 @@ fn multi_thread(c: &mut Criterion) {
     group.finish();
 }
 
+// ---- the HTTP flavour against the plain layer ----
+
+/// An HTTP request whose body is the `u64` the other rows send.
+type HttpRequest = http::Request<u64>;
+
+/// The inner HTTP service: answers at once with a one-frame body.
+fn http_echo()
+-> impl Service<HttpRequest, Response = http::Response<Full<Bytes>>, Error = Infallible, Future: Send>
++ Copy
++ Send
++ 'static {
+    tower::service_fn(|_: HttpRequest| async move {
+        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+    })
+}
+
+/// `policy` for HTTP requests.
+fn http_policy(request: &HttpRequest) -> Mode<u64> {
+    policy(request.body())
+}
+
+/// One HTTP request through `service`, and its response body read to its end: that is
+/// when the HTTP flavour releases the key.
+#[inline]
+fn one_http_request<S, B>(service: &mut S, request: u64, cx: &mut Context<'_>) -> usize
+where
+    S: Service<HttpRequest, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: Body,
+{
+    match service.poll_ready(cx) {
+        Poll::Ready(Ok(())) => {}
+        _ => panic!("not ready"),
+    }
+    let response = poll_dyn(pin!(service.call(http::Request::new(request))), cx);
+    let mut body = pin!(response.expect("no error").into_body());
+    let mut frames = 0;
+    loop {
+        match black_box(body.as_mut()).poll_frame(cx) {
+            Poll::Ready(Some(Ok(_))) => frames += 1,
+            Poll::Ready(None) => return frames,
+            _ => panic!("the body did not end"),
+        }
+    }
+}
+
+/// The cost of holding the key until the response body ends: each row is ready, call,
+/// poll, and the body read to its end, through the plain layer (which releases when the
+/// response future completes) and through `for_http()`.
+fn http_per_request(c: &mut Criterion) {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut group = c.benchmark_group("http_per_request");
+    group.throughput(Throughput::Elements(1));
+
+    group.bench_function("raw service_fn", |b| {
+        let mut service = http_echo();
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            one_http_request(&mut service, black_box(n), &mut cx)
+        });
+    });
+
+    for (mode, first, cycle) in [
+        ("Concurrent", CONCURRENT, u64::MAX),
+        ("Sync new key", 0, u64::MAX),
+        ("Sync one key", 7, 1),
+    ] {
+        group.bench_function(format!("plain {mode}"), |b| {
+            let mut service = SyncEngineLayer::new(http_policy).layer(http_echo());
+            let mut n = 0u64;
+            b.iter(|| {
+                n += 1;
+                one_http_request(&mut service, black_box(first + n % cycle), &mut cx)
+            });
+        });
+        group.bench_function(format!("http {mode}"), |b| {
+            let mut service = SyncEngineLayer::new(http_policy)
+                .for_http()
+                .layer(http_echo());
+            let mut n = 0u64;
+            b.iter(|| {
+                n += 1;
+                one_http_request(&mut service, black_box(first + n % cycle), &mut cx)
+            });
+        });
+    }
+
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(20);
-    targets = per_request, hand_off, live_keys, multi_thread
+    targets = per_request, http_per_request, hand_off, live_keys, multi_thread
 }
 criterion_main!(benches);

@@ -1,36 +1,46 @@
 //! An axum HTTP service where requests with the same `x-session-id` run one at a time,
-//! in arrival order, and requests without the header run concurrently.
+//! in arrival order, each until its response body has ended; requests without the
+//! header, and `GET /status`, run concurrently.
 //!
 //! ```sh
 //! cargo run --example http_session -- --addr 127.0.0.1:3000
-//! curl -H 'x-session-id: alice' 'http://127.0.0.1:3000/work?ms=500&tag=a'
+//!
+//! # Then, in another terminal:
+//! # one session, one request at a time: `b` is answered after `a`, though it is faster.
+//! curl -sX POST -H 'x-session-id: alice' 'http://127.0.0.1:3000/work?ms=500&tag=a' -w '\n' & sleep 0.1; curl -sX POST -H 'x-session-id: alice' 'http://127.0.0.1:3000/work?ms=10&tag=b' -w '\n'; wait
+//!
+//! # A streamed report holds its session until its last line: `after` comes after it.
+//! curl -sN -H 'x-session-id: alice' 'http://127.0.0.1:3000/report?lines=5&ms=300' & sleep 0.1; curl -sX POST -H 'x-session-id: alice' 'http://127.0.0.1:3000/work?ms=0&tag=after' -w '\n'; wait
+//!
+//! # `/status` never waits, even for a busy session: it shows the session held.
+//! curl -sN -H 'x-session-id: alice' 'http://127.0.0.1:3000/report?lines=3&ms=500' > /dev/null & sleep 0.1; curl -s -H 'x-session-id: alice' http://127.0.0.1:3000/status; wait
 //! ```
 //!
-//! The stack, outermost first: `TraceLayer`, `HandleErrorLayer` (this crate's errors
-//! and timeouts become responses), a 2 s timeout (it covers the wait for the session as
-//! well as the handler), and the ordering layer.
-//!
-//! Errors become responses the axum way, with `HandleErrorLayer`:
-//! `Overloaded` → 503 Service Unavailable, timeout → 408 Request Timeout.
+//! The stack, outermost first: `TraceLayer`; `explain_overload`, which gives the `503`
+//! that the ordering layer answers an overload with a text body; a 2 s `TimeoutLayer`
+//! (answering `408`), which covers the wait for the session and the handler up to its
+//! response head, not the streamed body; and the ordering layer, `for_http()`, with no
+//! `HandleErrorLayer`: it is as infallible as the handlers.
 //!
 //! Every response carries `x-served-by: ADDR`, the instance's listening address, so that
 //! behind a load balancer (`deploy/cluster.sh`) a client sees where each request went.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
-use axum::error_handling::HandleErrorLayer;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Query, Request};
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::Response;
-use axum::routing::post;
+use axum::http::{HeaderValue, Response, StatusCode};
+use axum::routing::{get, post};
 use serde::Deserialize;
-use tower::timeout::error::Elapsed;
 use tower::{BoxError, ServiceBuilder};
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tower_sync_engine::error::Overloaded;
-use tower_sync_engine::{Mode, SyncEngineLayer};
+use tower_sync_engine::http::by_header;
+use tower_sync_engine::{Mode, Policy, SyncEngineLayer};
 
 /// The header that names a session.
 pub const SESSION: &str = "x-session-id";
@@ -44,40 +54,92 @@ struct Work {
     tag: String,
 }
 
+/// Answers `tag` after `ms` milliseconds.
 async fn work(Query(work): Query<Work>) -> String {
     tokio::time::sleep(Duration::from_millis(work.ms)).await;
     work.tag
 }
 
-/// Turns the stack's errors into responses.
-pub async fn handle_error(error: BoxError) -> (StatusCode, String) {
-    if error.is::<Overloaded>() {
-        (StatusCode::SERVICE_UNAVAILABLE, error.to_string())
-    } else if error.is::<Elapsed>() {
-        (StatusCode::REQUEST_TIMEOUT, "request timed out".to_owned())
-    } else {
-        (StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+#[derive(Deserialize)]
+struct Report {
+    #[serde(default = "Report::default_lines")]
+    lines: u32,
+    #[serde(default = "Report::default_ms")]
+    ms: u64,
+}
+
+impl Report {
+    fn default_lines() -> u32 {
+        5
+    }
+
+    fn default_ms() -> u64 {
+        200
     }
 }
 
-/// Two routes behind one layer value: they share one ordering domain, so a session's
-/// requests are ordered across both.
+/// Streams `lines` lines, one every `ms` milliseconds. The handler returns at once; the
+/// session stays held until the last line has been sent.
+async fn report(Query(report): Query<Report>) -> Body {
+    let lines = futures::stream::unfold(1, move |line| async move {
+        if line > report.lines {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(report.ms)).await;
+        let text = format!("line {line} of {}\n", report.lines);
+        Some((Ok::<_, Infallible>(text), line + 1))
+    });
+    Body::from_stream(lines)
+}
+
+/// The ordering layer answers an overload with `503`, an empty body, and the reason in
+/// the response's extensions; this says the reason in the body.
+fn explain_overload<B>(response: Response<B>) -> Response<Body>
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    match response.extensions().get::<Overloaded>() {
+        Some(overloaded) => {
+            let reason = overloaded.to_string();
+            response.map(|_| Body::from(reason))
+        }
+        None => response.map(Body::new),
+    }
+}
+
+/// The routes behind one layer value: they share one ordering domain, so a session's
+/// requests are ordered across all of them.
 pub fn app(max_queue_per_session: usize) -> Router {
-    let by_session =
-        SyncEngineLayer::new(|request: &Request| match request.headers().get(SESSION) {
-            Some(session) => Mode::Sync(session.clone()),
-            None => Mode::Concurrent,
-        })
-        .max_queue_per_key(max_queue_per_session);
+    let session = by_header(SESSION);
+    let by_session = SyncEngineLayer::new(move |request: &Request| {
+        // The status page needs no order, and must answer while a session is busy.
+        if request.uri().path() == "/status" {
+            Mode::Concurrent
+        } else {
+            session.classify(request)
+        }
+    })
+    .max_queue_per_key(max_queue_per_session)
+    .for_http();
+    let domain = by_session.clone();
 
     Router::new()
         .route("/work", post(work))
         .route("/other", post(work))
+        .route("/report", get(report))
+        .route(
+            "/status",
+            get(move || async move { format!("{:?}\n", domain.stats()) }),
+        )
         .layer(
             ServiceBuilder::new()
                 .layer(TraceLayer::new_for_http())
-                .layer(HandleErrorLayer::new(handle_error))
-                .timeout(Duration::from_secs(2))
+                .map_response(explain_overload)
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    Duration::from_secs(2),
+                ))
                 .layer(by_session),
         )
 }
@@ -86,7 +148,7 @@ pub fn app(max_queue_per_session: usize) -> Router {
 pub fn served_by(app: Router, instance: SocketAddr) -> Router {
     let name = HeaderValue::try_from(instance.to_string()).expect("an address is a header value");
     app.layer(axum::middleware::map_response(
-        move |mut response: Response| {
+        move |mut response: Response<Body>| {
             let name = name.clone();
             async move {
                 response.headers_mut().insert(SERVED_BY, name);

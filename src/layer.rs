@@ -150,6 +150,34 @@ impl<P, K, H> SyncEngineLayer<P, K, H> {
     }
 }
 
+#[cfg(feature = "http")]
+impl<P, K, H> SyncEngineLayer<P, K, H> {
+    /// The HTTP flavour of this layer, in **the same ordering domain**: its services take
+    /// `http::Request`s, keep a `Mode::Sync` request's key until its response body has
+    /// ended or been dropped, answer an overload with a `503 Service Unavailable`
+    /// response, and pass the inner service's error type through unchanged, so axum's
+    /// `Router::layer` takes the layer as it is.
+    ///
+    /// The settings, the [`stats`](Self::stats) and the keys are the domain's: configure
+    /// the layer before calling this, and keep a clone of this layer (taken before
+    /// `for_http`) to order plain services in the same domain. See the
+    /// [`http`](crate::http) module for the mechanism and its caveats.
+    ///
+    /// ```
+    /// use axum::{Router, routing::post};
+    /// use tower_sync_engine::SyncEngineLayer;
+    /// use tower_sync_engine::http::by_header;
+    ///
+    /// let app: Router = Router::new()
+    ///     .route("/edit", post(|| async { "saved" }))
+    ///     .layer(SyncEngineLayer::new(by_header("x-session-id")).max_queue_per_key(32).for_http());
+    /// # drop(app);
+    /// ```
+    pub fn for_http(self) -> crate::http::HttpSyncEngineLayer<P, K, H> {
+        crate::http::HttpSyncEngineLayer::from_parts(self.policy, self.registry)
+    }
+}
+
 fn already_shared(setting: &str) -> ! {
     panic!(
         "SyncEngineLayer::{setting} called on a layer that is cloned or in use: \

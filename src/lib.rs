@@ -112,51 +112,47 @@
 //!
 //! # With axum
 //!
-//! axum routes need infallible services; turn this crate's errors into responses with
-//! `HandleErrorLayer`, as for any fallible tower middleware. Build the layer once: axum
-//! applies it to every route and clones the service for each request, and all of those
-//! share the layer's ordering domain.
+//! Use the HTTP flavour, `SyncEngineLayer::for_http` (feature `http`, on by default).
+//! Build the layer once: axum applies it to every route and clones the service for each
+//! request, and all of those share the layer's ordering domain.
 //!
 //! ```
-//! use std::time::Duration;
-//! use axum::{Router, error_handling::HandleErrorLayer, extract::Request, http::StatusCode};
-//! use axum::routing::post;
-//! use tower::{BoxError, ServiceBuilder, timeout::error::Elapsed};
-//! use tower_sync_engine::{Mode, SyncEngineLayer, error::Overloaded};
+//! use std::convert::Infallible;
+//! use axum::{Router, body::Body, routing::{get, post}};
+//! use tower_sync_engine::SyncEngineLayer;
+//! use tower_sync_engine::http::by_header;
 //!
-//! async fn handle_error(error: BoxError) -> StatusCode {
-//!     if error.is::<Overloaded>() {
-//!         StatusCode::SERVICE_UNAVAILABLE
-//!     } else if error.is::<Elapsed>() {
-//!         StatusCode::REQUEST_TIMEOUT
-//!     } else {
-//!         StatusCode::INTERNAL_SERVER_ERROR
-//!     }
+//! async fn edit() -> &'static str {
+//!     "saved"
+//! }
+//!
+//! async fn stream_report() -> Body {
+//!     let lines = ["revenue\n", "costs\n"].map(Ok::<_, Infallible>);
+//!     Body::from_stream(futures::stream::iter(lines))
 //! }
 //!
 //! // Requests with the same session header run one at a time; others run concurrently.
-//! let by_session = SyncEngineLayer::new(|request: &Request| {
-//!     match request.headers().get("x-session-id") {
-//!         Some(session) => Mode::Sync(session.clone()),
-//!         None => Mode::Concurrent,
-//!     }
-//! })
-//! .max_queue_per_key(32);
-//!
 //! let app: Router = Router::new()
-//!     .route("/edit", post(|| async { "saved" }))
-//!     .route("/publish", post(|| async { "published" }))
-//!     .layer(
-//!         ServiceBuilder::new()
-//!             .layer(HandleErrorLayer::new(handle_error))
-//!             .timeout(Duration::from_secs(10))
-//!             .layer(by_session),
-//!     );
+//!     .route("/edit", post(edit))
+//!     .route("/report", get(stream_report))
+//!     .layer(SyncEngineLayer::new(by_header("x-session-id")).max_queue_per_key(32).for_http());
 //! # drop(app);
 //! ```
 //!
-//! `examples/http_session.rs` runs this with tower-http's `TraceLayer`, and its test
-//! checks the 503 and 408 responses.
+//! - **A session is held until its response body has ended** or been dropped, not only
+//!   until the handler returns, so a streamed report finishes before the session's next
+//!   request starts. Routes whose bodies never end (server-sent events) should be
+//!   `Mode::Concurrent`; see the `http` module for that and for timeouts and slow readers.
+//! - **No `HandleErrorLayer`:** the error type is the handlers' own (`Infallible`), and an
+//!   overload is answered with `503 Service Unavailable` and the
+//!   [`Overloaded`](error::Overloaded) value in the response's extensions.
+//! - **Policies:** `http::by_header` and `http::by_extension` for the usual keys, or
+//!   any closure over the request.
+//!
+//! The plain layer works under axum too, with tower's usual `HandleErrorLayer` for its
+//! [`BoxError`](error::BoxError); it releases a session when the handler returns, before
+//! a streamed body is sent. `examples/http_session.rs` runs the HTTP flavour with
+//! tower-http's `TraceLayer` and `TimeoutLayer`, a streamed route and a concurrent one.
 //!
 //! # Features
 //!
@@ -180,6 +176,8 @@
 mod builder;
 pub mod error;
 mod future;
+#[cfg(feature = "http")]
+pub mod http;
 mod layer;
 mod mode;
 mod policy;

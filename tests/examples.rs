@@ -80,6 +80,14 @@ fn work(session: Option<&str>, path: &str, ms: u64, tag: &str) -> Request<Body> 
     request.body(Body::empty()).unwrap()
 }
 
+fn get(session: Option<&str>, path_and_query: &str) -> Request<Body> {
+    let mut request = Request::get(path_and_query);
+    if let Some(session) = session {
+        request = request.header(http_session::SESSION, session);
+    }
+    request.body(Body::empty()).unwrap()
+}
+
 async fn send(app: &axum::Router, request: Request<Body>) -> (StatusCode, String) {
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
@@ -129,6 +137,8 @@ async fn overloaded_becomes_503_and_a_timeout_becomes_408() {
     });
     tokio::task::yield_now().await;
 
+    // The ordering layer answers 503 itself, with no `HandleErrorLayer`; the example's
+    // `explain_overload` puts the reason from the response's extensions in the body.
     let (status, body) = send(&app, work(Some("s"), "/work", 10, "rejected")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("max_queue_per_key"), "{body}");
@@ -138,6 +148,38 @@ async fn overloaded_becomes_503_and_a_timeout_becomes_408() {
 
     let (status, _) = send(&app, work(Some("s"), "/work", 5_000, "slow")).await;
     assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streamed_report_holds_its_session_until_its_last_line_and_status_never_waits() {
+    let app = http_session::app(16);
+    let started = Instant::now();
+    let timed = |request: Request<Body>| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let answer = send(&app, request).await;
+            (answer, started.elapsed())
+        })
+    };
+    let report = timed(get(Some("alice"), "/report?lines=3&ms=100"));
+    tokio::task::yield_now().await;
+    let after = timed(work(Some("alice"), "/work", 0, "after"));
+    tokio::task::yield_now().await;
+
+    // `/status` is Concurrent by policy: it answers at once, even for a busy session.
+    let (status, stats) = send(&app, get(Some("alice"), "/status")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(stats.contains("in_flight: 1, queued: 1"), "{stats}");
+    assert_eq!(started.elapsed(), Duration::ZERO);
+
+    let ((status, lines), report_done) = report.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(lines, "line 1 of 3\nline 2 of 3\nline 3 of 3\n");
+    assert_eq!(report_done, Duration::from_millis(300));
+    // The handler for `after` takes no time, yet it ran only once the report had ended.
+    let (answer, after_done) = after.await.unwrap();
+    assert_eq!(answer, (StatusCode::OK, "after".to_owned()));
+    assert_eq!(after_done, Duration::from_millis(300));
 }
 
 // ---- websocket ----

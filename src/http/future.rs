@@ -1,0 +1,92 @@
+//! The response future of [`HttpSyncEngine`](super::HttpSyncEngine).
+//!
+//! The same [`Turn`](crate::turn) as the plain flavour's future; what differs is where
+//! the claim goes when the inner future has completed: into the response body, which
+//! releases it when the body ends, instead of being dropped here.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use ::http::{Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::body::ResponseBody;
+use crate::error::Overloaded;
+use crate::turn::{Outcome, Turn};
+
+pin_project! {
+    /// Response future of [`HttpSyncEngine`](super::HttpSyncEngine).
+    ///
+    /// It resolves to the inner service's response with its body wrapped in a
+    /// [`ResponseBody`] (which, for a `Mode::Sync` request, now holds the key), to the
+    /// inner service's error (the key is released first), or to a `503 Service
+    /// Unavailable` response when a limit rejected the request. For a `Mode::Sync`
+    /// request it first waits for the request's turn on its key; dropping it at any point
+    /// gives the turn up.
+    ///
+    /// It is `Send` when the inner service, its future, the request and the key are.
+    /// Polling it again after it has completed panics.
+    pub struct ResponseFuture<S, ReqBody, K>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        #[pin]
+        turn: Turn<S, Request<ReqBody>, S::Future, S::Error, K>,
+    }
+}
+
+impl<S, ReqBody, K> ResponseFuture<S, ReqBody, K>
+where
+    S: Service<Request<ReqBody>>,
+{
+    pub(crate) fn new(turn: Turn<S, Request<ReqBody>, S::Future, S::Error, K>) -> Self {
+        ResponseFuture { turn }
+    }
+}
+
+impl<S, ReqBody, ResBody, K> Future for ResponseFuture<S, ReqBody, K>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: http_body::Body + Default,
+{
+    type Output = Result<Response<ResponseBody<ResBody, K>>, S::Error>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(match ready!(self.project().turn.poll(cx)) {
+            // The inner future is gone; the key now belongs to the body.
+            Outcome::Answered(Ok(response), claim) => {
+                Ok(response.map(|body| ResponseBody::new(body, claim)))
+            }
+            Outcome::Answered(Err(error), claim) => {
+                drop(claim);
+                Err(error)
+            }
+            Outcome::Rejected(overloaded) => Ok(service_unavailable(overloaded)),
+        })
+    }
+}
+
+/// The answer to a request that a limit rejected: `503`, an empty body, and the reason in
+/// the extensions for the layers outside.
+#[cold]
+fn service_unavailable<B: Default, K>(overloaded: Overloaded) -> Response<ResponseBody<B, K>> {
+    let mut response = Response::new(ResponseBody::new_released(B::default()));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    response.extensions_mut().insert(overloaded);
+    response
+}
+
+impl<S, ReqBody, K> fmt::Debug for ResponseFuture<S, ReqBody, K>
+where
+    S: Service<Request<ReqBody>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("state", &self.turn.describe())
+            .finish()
+    }
+}

@@ -1,0 +1,212 @@
+//! The HTTP flavour: a session's key is held until its response body ends, an overload
+//! is a `503` response, and policies for the usual keys.
+//!
+//! [`SyncEngineLayer::for_http`](crate::SyncEngineLayer::for_http) turns a layer into an
+//! [`HttpSyncEngineLayer`] for services of `http::Request<ReqBody>` that answer
+//! `http::Response<ResBody>`, in the same ordering domain. [`by_header`] and
+//! [`by_extension`] are the policies most HTTP services need:
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use axum::{Router, body::Body, routing::{get, post}};
+//! use tower_sync_engine::SyncEngineLayer;
+//! use tower_sync_engine::http::by_header;
+//!
+//! async fn edit() -> &'static str {
+//!     "saved"
+//! }
+//!
+//! async fn stream_report() -> Body {
+//!     let lines = ["revenue\n", "costs\n"].map(Ok::<_, Infallible>);
+//!     Body::from_stream(futures::stream::iter(lines))
+//! }
+//!
+//! let app: Router = Router::new()
+//!     .route("/edit", post(edit))
+//!     .route("/report", get(stream_report))
+//!     .layer(SyncEngineLayer::new(by_header("x-session-id")).max_queue_per_key(32).for_http());
+//! # drop(app);
+//! ```
+//!
+//! # Done is when the body has ended
+//!
+//! A handler that streams its body (a download, a report, chunked JSON, a proxied
+//! upstream) has not finished when its future resolves: the body is still being
+//! produced, often by the handler's own state. If the next request of the same session
+//! started then, it would run alongside the stream it was meant to follow. So a
+//! `Mode::Sync` request's place on its key moves, with the response, into the
+//! [`ResponseBody`], and the key passes to the next request only when that body:
+//!
+//! - has reported its end: `poll_frame` returned `None`, or `is_end_stream()` is true
+//!   after a frame; a body that is already at its end when the response is built (`204`,
+//!   `304`, a `HEAD` response, an empty body) releases the key at once, even if nobody
+//!   ever polls it;
+//! - has returned an error from `poll_frame`;
+//! - or has been dropped: the client disconnected, the server gave up on the connection,
+//!   or an outer layer replaced the body.
+//!
+//! A `Mode::Concurrent` response body holds nothing, and polling it costs one branch more
+//! than polling the inner body. Frames, trailers and size hints pass through unchanged.
+//! Releasing from the body is the same step as dropping a response future in the plain
+//! flavour, so every guarantee in the [crate docs](crate#guarantees) holds with
+//! "response future" read as "response future, then response body".
+//!
+//! # Errors and overload
+//!
+//! - The service's error type is the inner service's, unchanged (not boxed): with axum's
+//!   `Infallible` handlers the service is infallible too, and `Router::layer` takes it
+//!   with no `HandleErrorLayer`.
+//! - A request rejected by [`max_queue_per_key`](crate::SyncEngineLayer::max_queue_per_key)
+//!   or [`max_keys`](crate::SyncEngineLayer::max_keys) is answered with `503 Service
+//!   Unavailable`, an empty body (`ResBody::default()`, as tower-http's `TimeoutLayer`
+//!   answers `408`), and the [`Overloaded`](crate::error::Overloaded) value in the
+//!   response's extensions, so outer layers can tell why and, say, add a `Retry-After`
+//!   header or a message.
+//!
+//! # Policies and type inference
+//!
+//! [`by_header`] and [`by_extension`] return policy types ([`ByHeader`],
+//! [`ByExtension`]) that implement [`Policy`](crate::Policy) for `Request<B>` with every
+//! body type `B`. [`SyncEngineLayer::new`](crate::SyncEngineLayer::new) constrains
+//! nothing, so the layer's key type stays open until the layer wraps a service of
+//! `Request<B>`, where the policy's key settles it. Settings chain after `new` and
+//! nothing needs naming, with either flavour:
+//!
+//! ```
+//! use axum::{Router, body::Body, http::Request, routing::post};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_sync_engine::{ServiceBuilderExt, SyncEngineLayer};
+//! use tower_sync_engine::http::{by_extension, by_header};
+//!
+//! #[derive(Clone, PartialEq, Eq, Hash)]
+//! struct UserId(u64);
+//!
+//! let app: Router = Router::new()
+//!     .route("/edit", post(|| async { "saved" }))
+//!     .layer(SyncEngineLayer::new(by_header("x-session-id")).max_queue_per_key(32).for_http())
+//!     .layer(SyncEngineLayer::new(by_extension::<UserId>()).max_keys(10_000).for_http());
+//!
+//! // Plain: the key type is settled where the service is called with a `Request<Body>`.
+//! let plain = ServiceBuilder::new()
+//!     .sync_engine(by_header("x-session-id"))
+//!     .service(service_fn(|_: Request<Body>| async { Ok::<_, tower::BoxError>("saved") }));
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let saved = plain.oneshot(Request::new(Body::empty())).await.unwrap();
+//! # assert_eq!(saved, "saved");
+//! # });
+//! # drop(app);
+//! ```
+//!
+//! (A layer that is made but never wraps a service leaves its key type open, and the
+//! compiler asks for it.) Any other policy works too: a closure over the request (name its argument's type,
+//! for instance `&axum::extract::Request`), or a type of your own implementing `Policy`.
+//! Keys are owned values: a cloned `HeaderValue`, a `String`, an id.
+//!
+//! # Bodies that never end
+//!
+//! Holding the key until the body ends has a consequence: a body that streams for as long
+//! as the client listens (server-sent events, long polling, a live log) holds its
+//! session's key for that long, and the session's next request waits for it. Make such
+//! routes `Mode::Concurrent`, by path or by method:
+//!
+//! ```
+//! use axum::{Router, extract::Request, http::Method, routing::{get, post}};
+//! use tower_sync_engine::{Mode, Policy, SyncEngineLayer};
+//! use tower_sync_engine::http::by_header;
+//!
+//! let session = by_header("x-session-id");
+//! let layer = SyncEngineLayer::new(move |request: &Request| {
+//!     if request.uri().path().starts_with("/events") || request.method() == Method::OPTIONS {
+//!         // A stream that never ends, and a request that needs no order.
+//!         Mode::Concurrent
+//!     } else {
+//!         session.classify(request)
+//!     }
+//! })
+//! .for_http();
+//!
+//! let app: Router = Router::new()
+//!     .route("/edit", post(|| async { "saved" }))
+//!     .route("/events", get(|| async { "an endless stream, in a real service" }))
+//!     .layer(layer);
+//! # drop(app);
+//! ```
+//!
+//! # Timeouts and slow readers
+//!
+//! - A timeout **outside** this layer (tower-http's `TimeoutLayer`, answering `408`)
+//!   covers the wait for the key and the handler up to its response head. When it fires
+//!   while the request waits, the request leaves the line.
+//! - A timeout **inside** covers the handler up to its response head; when it fires, the
+//!   key passes on.
+//! - Neither covers the body, which holds the key after both have let the response
+//!   through. A body that is slow to *produce* is bounded by a body timeout such as
+//!   tower-http's `ResponseBodyTimeoutLayer` (between frames) or
+//!   `ResponseBodyDeadlineLayer` (whole body), on either side of this layer: when it
+//!   fails the body, the key passes on.
+//! - A client that *reads* slowly holds its own session's key, never another's: the
+//!   server polls the body as fast as that client reads, and other keys share nothing
+//!   with it. The same session's later requests wait behind it; bound them with
+//!   `max_queue_per_key` (a full line is answered `503` at once) and a timeout outside
+//!   (a request that waits too long is answered `408`). A body deadline fires when the
+//!   server next polls the body, that is when the client reads again; a client that
+//!   stops reading altogether holds its key until its connection closes, so bound
+//!   connections at the server, or make routes with large bodies `Mode::Concurrent`.
+//!
+//! # One domain, both flavours
+//!
+//! `for_http` takes the layer by value. To order other services in the same domain, such
+//! as a WebSocket message handler beside the HTTP routes, clone the layer first: the
+//! HTTP layer and the plain one then share settings, keys and [`stats`](crate::Stats),
+//! and their requests queue behind one another in call order. A plain request holds its
+//! key until its response future completes; an HTTP one until its body ends. The policy
+//! must classify both request types with the same key type:
+//!
+//! ```
+//! use axum::http::Request;
+//! use tower::{Layer, service_fn};
+//! use tower_sync_engine::{Mode, Policy, SyncEngineLayer};
+//!
+//! struct Message { session: String, text: String }
+//!
+//! #[derive(Clone)]
+//! struct BySession;
+//!
+//! impl<B> Policy<Request<B>> for BySession {
+//!     type Key = String;
+//!     fn classify(&self, request: &Request<B>) -> Mode<String> {
+//!         match request.headers().get("x-session-id").and_then(|v| v.to_str().ok()) {
+//!             Some(session) => Mode::Sync(session.to_owned()),
+//!             None => Mode::Concurrent,
+//!         }
+//!     }
+//! }
+//!
+//! impl Policy<Message> for BySession {
+//!     type Key = String;
+//!     fn classify(&self, message: &Message) -> Mode<String> {
+//!         Mode::Sync(message.session.clone())
+//!     }
+//! }
+//!
+//! let layer = SyncEngineLayer::new(BySession).max_queue_per_key(32);
+//! let http = layer.clone().for_http();
+//! let messages = layer.layer(service_fn(|message: Message| async move {
+//!     Ok::<_, tower::BoxError>(message.text.len())
+//! }));
+//! # fn is_service<S: tower::Service<Message>>(_: &S) {}
+//! # is_service(&messages);
+//! # drop(http);
+//! ```
+
+mod body;
+mod future;
+mod layer;
+mod policy;
+mod service;
+
+pub use self::body::ResponseBody;
+pub use self::future::ResponseFuture;
+pub use self::layer::HttpSyncEngineLayer;
+pub use self::policy::{ByExtension, ByHeader, by_extension, by_header};
+pub use self::service::HttpSyncEngine;

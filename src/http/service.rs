@@ -1,0 +1,156 @@
+//! The [`HttpSyncEngine`] service.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::task::{Context, Poll};
+
+use ::http::{Request, Response};
+use tower_service::Service;
+
+use super::body::ResponseBody;
+use super::future::ResponseFuture;
+use crate::policy::Policy;
+use crate::registry::Registry;
+use crate::stats::Stats;
+use crate::sync::Arc;
+use crate::turn::Turn;
+
+/// The HTTP flavour of [`SyncEngine`](crate::SyncEngine): orders `Mode::Sync` requests
+/// per key until their response bodies end, and passes `Mode::Concurrent` requests
+/// straight through.
+///
+/// Built by [`HttpSyncEngineLayer`](super::HttpSyncEngineLayer) (from
+/// [`SyncEngineLayer::for_http`](crate::SyncEngineLayer::for_http)), or by
+/// [`HttpSyncEngine::new`] for a domain of its own.
+///
+/// - **Response:** the inner response with its body wrapped in a [`ResponseBody`], which
+///   holds a `Mode::Sync` request's key until the body has ended or been dropped.
+/// - **Error:** the inner service's error, unchanged (`Infallible` stays `Infallible`).
+/// - **Overload:** a request rejected by `max_queue_per_key` or `max_keys` is answered
+///   with `503 Service Unavailable`, an empty body (`ResBody::default()`) and the
+///   [`Overloaded`](crate::error::Overloaded) value in the response's extensions.
+///
+/// Readiness is as for [`SyncEngine`](crate::SyncEngine#readiness): always ready; a
+/// request polls its own handle on the inner service once its turn has come.
+///
+/// ```
+/// use axum::body::Body;
+/// use axum::http::{Request, Response, StatusCode};
+/// use tower::{Service, ServiceExt, service_fn};
+/// use tower_sync_engine::http::{HttpSyncEngine, by_header};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let handler = service_fn(|_: Request<Body>| async {
+///     Ok::<_, std::convert::Infallible>(Response::new(Body::from("done")))
+/// });
+/// let mut service = HttpSyncEngine::new(handler, by_header("x-session-id"));
+///
+/// let request = Request::get("/").header("x-session-id", "alice").body(Body::empty());
+/// let response = service.ready().await.unwrap().call(request.unwrap()).await.unwrap();
+/// assert_eq!(response.status(), StatusCode::OK);
+/// assert_eq!(service.stats().in_flight, 1, "the body still holds the session");
+/// drop(response);
+/// assert!(service.stats().is_idle());
+/// # }
+/// ```
+pub struct HttpSyncEngine<S, P, K, H = RandomState> {
+    inner: S,
+    policy: P,
+    registry: Arc<Registry<K, H>>,
+}
+
+impl<S, P, K> HttpSyncEngine<S, P, K> {
+    /// Wraps `inner` in a new ordering domain of its own, with default settings.
+    ///
+    /// Equivalent to `SyncEngineLayer::new(policy).for_http().layer(inner)`; use the layer
+    /// to share one domain between several services or to change the settings.
+    pub fn new(inner: S, policy: P) -> Self {
+        let registry = Registry::new(RandomState::new());
+        registry.build();
+        HttpSyncEngine::from_parts(inner, policy, Arc::new(registry))
+    }
+}
+
+impl<S, P, K, H> HttpSyncEngine<S, P, K, H> {
+    /// A service in the domain of `registry`, which is built already.
+    pub(crate) fn from_parts(inner: S, policy: P, registry: Arc<Registry<K, H>>) -> Self {
+        HttpSyncEngine {
+            inner,
+            policy,
+            registry,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// Current counts of the ordering domain this service belongs to. A `Mode::Sync`
+    /// request counts as in flight until its response body has ended or been dropped.
+    pub fn stats(&self) -> Stats {
+        self.registry.stats()
+    }
+}
+
+impl<S, P, K, H, ReqBody, ResBody> Service<Request<ReqBody>> for HttpSyncEngine<S, P, K, H>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    P: Policy<Request<ReqBody>, Key = K>,
+    K: Hash + Eq,
+    H: BuildHasher,
+    ResBody: http_body::Body + Default,
+{
+    type Response = Response<ResponseBody<ResBody, K>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody, K>;
+
+    /// Always ready: inner readiness is polled by the response future once the request's
+    /// turn has come.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Classifies the request and, for `Mode::Sync`, takes its place in its key's line
+    /// before returning. A request over a configured limit gets a future that resolves
+    /// at once to a `503` response.
+    #[inline]
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        ResponseFuture::new(Turn::start(
+            &mut self.inner,
+            &self.policy,
+            &self.registry,
+            request,
+        ))
+    }
+}
+
+impl<S: Clone, P: Clone, K, H> Clone for HttpSyncEngine<S, P, K, H> {
+    fn clone(&self) -> Self {
+        HttpSyncEngine {
+            inner: self.inner.clone(),
+            policy: self.policy.clone(),
+            registry: Arc::clone(&self.registry),
+        }
+    }
+}
+
+impl<S: fmt::Debug, P, K, H> fmt::Debug for HttpSyncEngine<S, P, K, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSyncEngine")
+            .field("inner", &self.inner)
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
