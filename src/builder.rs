@@ -42,9 +42,8 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     ///
     /// Give the closure's parameter its type. Here the request type is only known from
     /// the service added later, so rustc cannot infer it from `|req| …`: it stops with
-    /// E0282 "type annotations needed for `&_`", and its suggestion, `|req: &Req|`,
-    /// names this method's type parameter, not a type in your code. Write the request
-    /// type of the service below the layer:
+    /// E0282 "type annotations needed". Write the request type of the service below the
+    /// layer (or use a ready-made policy such as the `http` module's `by_header`):
     ///
     /// ```
     /// use axum::body::Body;

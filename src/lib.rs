@@ -163,6 +163,10 @@
 //!   `waited_us`, the microseconds between `call()` and the request's turn. Requests that
 //!   get their key at once emit nothing. The wait is timed with `std::time::Instant`:
 //!   like the layer itself, the default features work with any runtime, or none.
+//! - `http` (default): the HTTP flavour, `SyncEngineLayer::for_http()`, in the `http`
+//!   module: responses answer overloads with `503`, keep the inner service's error type,
+//!   and hold a session's key until the response body ends; `by_header` and
+//!   `by_extension` policies. It adds the `http` and `http-body` crates.
 //! - `tokio-clock` (implies `tracing`): time the wait with `tokio::time::Instant`
 //!   instead. Under a paused tokio clock (tokio's `test-util` feature,
 //!   `#[tokio::test(start_paused = true)]`), `waited_us` is then exact and reproducible,

@@ -42,7 +42,8 @@ pub struct Stats {
     /// Keys that some request holds or waits for. Idle keys are not stored.
     pub keys: usize,
     /// `Mode::Sync` requests holding one of their key's permits: running, or allowed to
-    /// start and not yet polled.
+    /// start and not yet polled. With the HTTP flavour, a request holds its permit until
+    /// its response body ends.
     pub in_flight: usize,
     /// `Mode::Sync` requests waiting for a permit.
     pub queued: usize,

@@ -54,7 +54,7 @@ where
 {
     type Output = Result<Response<ResponseBody<ResBody, K>>, S::Error>;
 
-    #[inline]
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(match ready!(self.project().turn.poll(cx)) {
             // The inner future is gone; the key now belongs to the body.
