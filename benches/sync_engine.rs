@@ -14,12 +14,11 @@
 //! that, the compiler folds the raw baseline's ready future into the loop and measures
 //! nothing at all.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::hint::black_box;
-use std::pin::{Pin, pin};
-use std::sync::{Arc, Mutex};
+use std::pin::pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -32,81 +31,8 @@ use tower::limit::ConcurrencyLimit;
 use tower::{Layer, Service, ServiceExt};
 use tower_sync_engine::{Mode, SyncEngineLayer};
 
-/// The inner service of every row: a `service_fn` whose async block answers at once and
-/// allocates nothing.
-fn echo()
--> impl Service<u64, Response = u64, Error = Infallible, Future: Send> + Copy + Send + 'static {
-    tower::service_fn(|n: u64| async move { Ok::<_, Infallible>(n) })
-}
-
-/// Requests with the top bit set are `Mode::Concurrent`; the rest are keyed by value.
-fn policy(request: &u64) -> Mode<u64> {
-    if request >> 63 == 1 {
-        Mode::Concurrent
-    } else {
-        Mode::Sync(*request)
-    }
-}
-
-const CONCURRENT: u64 = 1 << 63;
-
-/// One request through `service`: ready, call, and poll to completion. Every row's
-/// futures complete on their first poll, except where a row says otherwise.
-#[inline]
-fn one_request<S>(service: &mut S, request: u64, cx: &mut Context<'_>) -> S::Response
-where
-    S: Service<u64>,
-    S::Error: std::fmt::Debug,
-{
-    match service.poll_ready(cx) {
-        Poll::Ready(Ok(())) => {}
-        _ => panic!("not ready"),
-    }
-    poll_dyn(pin!(service.call(request)), cx).expect("no error")
-}
-
-/// Polls once through a vtable, as an executor does; panics unless complete.
-#[inline]
-fn poll_dyn<T>(future: Pin<&mut dyn Future<Output = T>>, cx: &mut Context<'_>) -> T {
-    match black_box(future).poll(cx) {
-        Poll::Ready(output) => output,
-        Poll::Pending => panic!("not complete"),
-    }
-}
-
-// ---- the hand-written alternative: a map of async mutexes with cleanup ----
-
-/// `Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>`, removing a key's mutex when the
-/// last user leaves, as users write it.
-#[derive(Clone, Default)]
-struct MutexMap {
-    locks: Arc<Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>>,
-}
-
-impl MutexMap {
-    async fn run<S>(&self, key: u64, mut inner: S) -> u64
-    where
-        S: Service<u64, Response = u64, Error = Infallible>,
-    {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap();
-            Arc::clone(locks.entry(key).or_default())
-        };
-        let guard = lock.lock().await;
-        let response = inner.ready().await.unwrap().call(key).await.unwrap();
-        drop(guard);
-        let mut locks = self.locks.lock().unwrap();
-        // The map's reference and ours: nobody else holds or waits for it.
-        if Arc::strong_count(&lock) == 2 {
-            locks.remove(&key);
-        }
-        response
-    }
-}
-
-fn poll_now<F: Future>(future: F, cx: &mut Context<'_>) -> F::Output {
-    poll_dyn(pin!(future), cx)
-}
+mod common;
+use common::{CONCURRENT, MutexMap, echo, one_request, policy, poll_dyn, poll_now};
 
 // ---- the actor alternative: one task and channel per key ----
 
@@ -371,9 +297,10 @@ fn live_keys(c: &mut Criterion) {
     group.finish();
 }
 
-/// Passes a `u64` key through unchanged, so a benchmark can choose each key's shard.
+/// Passes a `u64` key through unchanged: an identity hasher, as nohash-style hashers for
+/// integer ids are, and the way a benchmark chooses each key's shard.
 #[derive(Clone, Copy, Default)]
-struct ChosenShard;
+struct Identity;
 
 struct Unchanged(u64);
 
@@ -389,34 +316,57 @@ impl std::hash::Hasher for Unchanged {
     }
 }
 
-impl std::hash::BuildHasher for ChosenShard {
+impl std::hash::BuildHasher for Identity {
     type Hasher = Unchanged;
     fn build_hasher(&self) -> Unchanged {
         Unchanged(0)
     }
 }
 
+/// The registry's shard for `key` under the identity hasher, modulo 8: the registry
+/// stirs the hash (`registry::spread`) and takes the shard from bits 32 and up. Copied
+/// here so that the "disjoint shards" rows can give each task keys of its own shards.
+fn shard_mod_8(key: u64) -> u64 {
+    let stirred = (key ^ (key >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (stirred >> 32) & 7
+}
+
+/// 10,000 keys for each of 8 tasks, each task's in shards of its own.
+fn disjoint_keys() -> Vec<Vec<u64>> {
+    let mut keys = vec![Vec::with_capacity(10_000); 8];
+    let mut key = 0;
+    while keys.iter().any(|task| task.len() < 10_000) {
+        let task = &mut keys[shard_mod_8(key) as usize];
+        if task.len() < 10_000 {
+            task.push(key);
+        }
+        key += 1;
+    }
+    keys
+}
+
 /// Throughput on a multi-thread runtime: 8 tasks, each sending requests over its own
 /// 10k keys.
 ///
 /// - "random keys": keys hash anywhere, so both workers touch every shard and shard state
-///   moves between the cores' caches;
-/// - "disjoint shards": each task's keys land in its own shards (the registry picks a
-///   shard from bits 48..56 of the hash). With no global lock or counter on the path,
-///   2 workers do about twice the work of 1.
+///   moves between the cores' caches; with the default hasher, and with an identity
+///   hasher (integer ids under a nohash-style hasher), which must spread as well;
+/// - "disjoint shards": each task's keys land in its own shards. With no global lock or
+///   counter on the path, 2 workers do about twice the work of 1.
 fn multi_thread(c: &mut Criterion) {
     const TASKS: u64 = 8;
     const PER_TASK: u64 = 20_000;
     let mut group = c.benchmark_group("multi_thread_many_keys");
     group.throughput(Throughput::Elements(TASKS * PER_TASK));
-    let random = |task: u64, n: u64| task * 10_000 + n % 10_000;
-    let disjoint = |task: u64, n: u64| {
-        let spread = (n % 10_000).wrapping_mul(0x9E37_79B9_7F4A_7C15) & !(0xFF << 48);
-        spread | ((task * 8 + n % 8) << 48)
-    };
-    for (label, key, chosen) in [
-        ("random keys, workers", random as fn(u64, u64) -> u64, false),
-        ("disjoint shards, workers", disjoint, true),
+    let disjoint = std::sync::Arc::new(disjoint_keys());
+    let random = |_: &[Vec<u64>], task: u64, n: u64| task * 10_000 + n % 10_000;
+    let own_shards =
+        |keys: &[Vec<u64>], task: u64, n: u64| keys[task as usize][(n % 10_000) as usize];
+    type KeyOf = fn(&[Vec<u64>], u64, u64) -> u64;
+    for (label, key, identity) in [
+        ("random keys, workers", random as KeyOf, false),
+        ("random keys, identity hasher, workers", random, true),
+        ("disjoint shards, workers", own_shards, true),
     ] {
         for workers in [1, 2] {
             group.bench_with_input(BenchmarkId::new(label, workers), &workers, |b, &workers| {
@@ -424,10 +374,10 @@ fn multi_thread(c: &mut Criterion) {
                     .worker_threads(workers)
                     .build()
                     .unwrap();
-                let service = if chosen {
+                let service = if identity {
                     tower::util::BoxCloneSyncService::new(
                         SyncEngineLayer::new(policy)
-                            .with_hasher(ChosenShard)
+                            .with_hasher(Identity)
                             .layer(echo()),
                     )
                 } else {
@@ -443,9 +393,10 @@ fn multi_thread(c: &mut Criterion) {
                             let tasks: Vec<_> = (0..TASKS)
                                 .map(|task| {
                                     let mut service = service.clone();
+                                    let keys = disjoint.clone();
                                     tokio::spawn(async move {
                                         for n in 0..PER_TASK {
-                                            let response = service.call(key(task, n)).await;
+                                            let response = service.call(key(&keys, task, n)).await;
                                             black_box(response.unwrap());
                                         }
                                     })
