@@ -333,7 +333,7 @@ fn shard_mod_8(key: u64) -> u64 {
 
 /// 10,000 keys for each of 8 tasks, each task's in shards of its own.
 fn disjoint_keys() -> Vec<Vec<u64>> {
-    let mut keys = vec![Vec::with_capacity(10_000); 8];
+    let mut keys: Vec<Vec<u64>> = (0..8).map(|_| Vec::with_capacity(10_000)).collect();
     let mut key = 0;
     while keys.iter().any(|task| task.len() < 10_000) {
         let task = &mut keys[shard_mod_8(key) as usize];
