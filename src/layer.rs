@@ -174,7 +174,7 @@ impl<P, K, H> SyncEngineLayer<P, K, H> {
     /// # drop(app);
     /// ```
     pub fn for_http(self) -> crate::http::HttpSyncEngineLayer<P, K, H> {
-        crate::http::HttpSyncEngineLayer::from_parts(self.policy, self.registry)
+        crate::http::HttpSyncEngineLayer::new(self)
     }
 }
 

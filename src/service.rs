@@ -137,12 +137,22 @@ where
     /// at once to [`Overloaded`](crate::error::Overloaded).
     #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
-        ResponseFuture::new(Turn::start(
-            &mut self.inner,
-            &self.policy,
-            &self.registry,
-            request,
-        ))
+        ResponseFuture::new(self.start(request))
+    }
+}
+
+impl<S, P, K, H> SyncEngine<S, P, K, H> {
+    /// Classifies `request` and takes its place: the first step of `call()`, shared with
+    /// the HTTP flavour, whose services wrap this one.
+    #[inline(always)]
+    pub(crate) fn start<Req>(&mut self, request: Req) -> Turn<S, Req, S::Future, S::Error, K>
+    where
+        S: Service<Req> + Clone,
+        P: Policy<Req, Key = K>,
+        K: Hash + Eq,
+        H: BuildHasher,
+    {
+        Turn::start(&mut self.inner, &self.policy, &self.registry, request)
     }
 }
 

@@ -6,9 +6,8 @@ use std::hash::RandomState;
 use tower_layer::Layer;
 
 use super::service::HttpSyncEngine;
-use crate::registry::Registry;
+use crate::layer::SyncEngineLayer;
 use crate::stats::Stats;
-use crate::sync::Arc;
 
 /// Applies [`HttpSyncEngine`] to HTTP services; made by
 /// [`SyncEngineLayer::for_http`](crate::SyncEngineLayer::for_http).
@@ -41,20 +40,19 @@ use crate::sync::Arc;
 /// # }
 /// ```
 pub struct HttpSyncEngineLayer<P, K, H = RandomState> {
-    policy: P,
-    registry: Arc<Registry<K, H>>,
+    plain: SyncEngineLayer<P, K, H>,
 }
 
 impl<P, K, H> HttpSyncEngineLayer<P, K, H> {
-    /// The HTTP flavour of the domain `registry`.
-    pub(crate) fn from_parts(policy: P, registry: Arc<Registry<K, H>>) -> Self {
-        HttpSyncEngineLayer { policy, registry }
+    /// The HTTP flavour of `plain`'s domain.
+    pub(crate) fn new(plain: SyncEngineLayer<P, K, H>) -> Self {
+        HttpSyncEngineLayer { plain }
     }
 
     /// Current counts of this layer's ordering domain. A `Mode::Sync` request counts as
     /// in flight until its response body has ended or been dropped.
     pub fn stats(&self) -> Stats {
-        self.registry.stats()
+        self.plain.stats()
     }
 }
 
@@ -62,24 +60,22 @@ impl<S, P: Clone, K, H> Layer<S> for HttpSyncEngineLayer<P, K, H> {
     type Service = HttpSyncEngine<S, P, K, H>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        self.registry.build();
-        HttpSyncEngine::from_parts(inner, self.policy.clone(), Arc::clone(&self.registry))
+        HttpSyncEngine::new_in(self.plain.layer(inner))
     }
 }
 
 impl<P: Clone, K, H> Clone for HttpSyncEngineLayer<P, K, H> {
     fn clone(&self) -> Self {
         HttpSyncEngineLayer {
-            policy: self.policy.clone(),
-            registry: Arc::clone(&self.registry),
+            plain: self.plain.clone(),
         }
     }
 }
 
 impl<P, K, H> fmt::Debug for HttpSyncEngineLayer<P, K, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpSyncEngineLayer")
-            .field("settings", self.registry.settings())
-            .finish_non_exhaustive()
+        f.debug_tuple("HttpSyncEngineLayer")
+            .field(&self.plain)
+            .finish()
     }
 }

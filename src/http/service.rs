@@ -10,10 +10,8 @@ use tower_service::Service;
 use super::body::ResponseBody;
 use super::future::ResponseFuture;
 use crate::policy::Policy;
-use crate::registry::Registry;
+use crate::service::SyncEngine;
 use crate::stats::Stats;
-use crate::sync::Arc;
-use crate::turn::Turn;
 
 /// The HTTP flavour of [`SyncEngine`](crate::SyncEngine): orders `Mode::Sync` requests
 /// per key until their response bodies end, and passes `Mode::Concurrent` requests
@@ -55,9 +53,9 @@ use crate::turn::Turn;
 /// # }
 /// ```
 pub struct HttpSyncEngine<S, P, K, H = RandomState> {
-    inner: S,
-    policy: P,
-    registry: Arc<Registry<K, H>>,
+    /// The plain service of the same domain: the HTTP flavour differs only in what its
+    /// response future does with the claim and with an overload.
+    plain: SyncEngine<S, P, K, H>,
 }
 
 impl<S, P, K> HttpSyncEngine<S, P, K> {
@@ -66,41 +64,35 @@ impl<S, P, K> HttpSyncEngine<S, P, K> {
     /// Equivalent to `SyncEngineLayer::new(policy).for_http().layer(inner)`; use the layer
     /// to share one domain between several services or to change the settings.
     pub fn new(inner: S, policy: P) -> Self {
-        let registry = Registry::new(RandomState::new());
-        registry.build();
-        HttpSyncEngine::from_parts(inner, policy, Arc::new(registry))
+        HttpSyncEngine::new_in(SyncEngine::new(inner, policy))
     }
 }
 
 impl<S, P, K, H> HttpSyncEngine<S, P, K, H> {
-    /// A service in the domain of `registry`, which is built already.
-    pub(crate) fn from_parts(inner: S, policy: P, registry: Arc<Registry<K, H>>) -> Self {
-        HttpSyncEngine {
-            inner,
-            policy,
-            registry,
-        }
+    /// The HTTP flavour of `plain`, in its domain.
+    pub(crate) fn new_in(plain: SyncEngine<S, P, K, H>) -> Self {
+        HttpSyncEngine { plain }
     }
 
     /// The inner service.
     pub fn get_ref(&self) -> &S {
-        &self.inner
+        self.plain.get_ref()
     }
 
     /// The inner service, mutably.
     pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
+        self.plain.get_mut()
     }
 
     /// Consumes `self`, returning the inner service.
     pub fn into_inner(self) -> S {
-        self.inner
+        self.plain.into_inner()
     }
 
     /// Current counts of the ordering domain this service belongs to. A `Mode::Sync`
     /// request counts as in flight until its response body has ended or been dropped.
     pub fn stats(&self) -> Stats {
-        self.registry.stats()
+        self.plain.stats()
     }
 }
 
@@ -127,30 +119,20 @@ where
     /// at once to a `503` response.
     #[inline]
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture::new(Turn::start(
-            &mut self.inner,
-            &self.policy,
-            &self.registry,
-            request,
-        ))
+        ResponseFuture::new(self.plain.start(request))
     }
 }
 
 impl<S: Clone, P: Clone, K, H> Clone for HttpSyncEngine<S, P, K, H> {
     fn clone(&self) -> Self {
         HttpSyncEngine {
-            inner: self.inner.clone(),
-            policy: self.policy.clone(),
-            registry: Arc::clone(&self.registry),
+            plain: self.plain.clone(),
         }
     }
 }
 
 impl<S: fmt::Debug, P, K, H> fmt::Debug for HttpSyncEngine<S, P, K, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpSyncEngine")
-            .field("inner", &self.inner)
-            .field("registry", &self.registry)
-            .finish_non_exhaustive()
+        f.debug_tuple("HttpSyncEngine").field(&self.plain).finish()
     }
 }
