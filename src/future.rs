@@ -7,13 +7,13 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::error::BoxError;
-use crate::turn::{Outcome, Turn};
+use crate::turn::{Ended, Turn};
 
 pin_project! {
     /// Response future of [`SyncEngine`](crate::SyncEngine).
@@ -75,14 +75,13 @@ where
 
     #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(match ready!(self.project().turn.poll(cx)) {
-            Outcome::Answered(output, claim) => {
-                // The inner future is gone; now the key may pass on.
-                drop(claim);
-                output.map_err(Into::into)
-            }
-            Outcome::Rejected(overloaded) => Err(overloaded.into()),
-        })
+        self.project()
+            .turn
+            .poll_released(cx)
+            .map_err(|ended| match ended {
+                Ended::Inner(error) => error.into(),
+                Ended::Rejected(overloaded) => overloaded.into(),
+            })
     }
 }
 

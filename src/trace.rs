@@ -1,8 +1,8 @@
 //! Events for requests that wait for their key, behind the `tracing` feature.
 //!
-//! A request that gets its key at once emits nothing, and the clock is read only when
-//! these events are enabled: without a subscriber that wants them, waiting costs no
-//! clock reads. A request that has to wait emits, at `DEBUG` level with target
+//! A request that gets its key at once emits nothing, and the clock is read (in `call()`,
+//! before the request takes its place) only when these events are enabled: without a
+//! subscriber that wants them, no request reads the clock. A request that has to wait emits, at `DEBUG` level with target
 //! `tower_sync_engine`:
 //!
 //! - `queued`, with `queue_depth`: how many requests of its key are in its line, waiting
@@ -14,7 +14,7 @@
 //! clock (`tokio::time::pause`, `#[tokio::test(start_paused = true)]`) then gives exact,
 //! reproducible values.
 
-pub(crate) use self::imp::{QueuedAt, admitted, queued};
+pub(crate) use self::imp::{QueuedAt, admitted, called_at, queued};
 
 #[cfg(feature = "tracing")]
 mod imp {
@@ -28,20 +28,22 @@ mod imp {
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct QueuedAt(Option<Instant>);
 
-    impl QueuedAt {
-        pub(crate) const NOT_TRACED: QueuedAt = QueuedAt(None);
+    /// The time of `call()`, if anyone listens for the events.
+    #[inline]
+    pub(crate) fn called_at() -> QueuedAt {
+        if tracing::enabled!(target: "tower_sync_engine", Level::DEBUG) {
+            QueuedAt(Some(Instant::now()))
+        } else {
+            QueuedAt(None)
+        }
     }
 
-    pub(crate) fn queued(depth: u32) -> QueuedAt {
-        if !tracing::enabled!(target: "tower_sync_engine", Level::DEBUG) {
-            return QueuedAt(None);
-        }
+    pub(crate) fn queued(depth: u32) {
         tracing::debug!(
             target: "tower_sync_engine",
             queue_depth = depth,
             "queued"
         );
-        QueuedAt(Some(Instant::now()))
     }
 
     pub(crate) fn admitted(since: QueuedAt) {
@@ -62,13 +64,12 @@ mod imp {
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct QueuedAt;
 
-    impl QueuedAt {
-        pub(crate) const NOT_TRACED: QueuedAt = QueuedAt;
-    }
-
-    pub(crate) fn queued(_depth: u32) -> QueuedAt {
+    #[inline]
+    pub(crate) fn called_at() -> QueuedAt {
         QueuedAt
     }
+
+    pub(crate) fn queued(_depth: u32) {}
 
     pub(crate) fn admitted(_since: QueuedAt) {}
 }

@@ -57,6 +57,15 @@ pin_project! {
     }
 }
 
+/// How a turn ended, for a caller that has no use for the claim.
+#[derive(Debug)]
+pub(crate) enum Ended<E> {
+    /// The inner service failed, or failed its readiness check.
+    Inner(E),
+    /// A limit rejected the request in `call()`.
+    Rejected(Overloaded),
+}
+
 /// How a turn ends.
 #[derive(Debug)]
 pub(crate) enum Outcome<T, E, K> {
@@ -173,6 +182,40 @@ where
                 Poll::Ready(Outcome::Answered(output, claim.take()))
             }
             _ => self.poll_steps(cx),
+        }
+    }
+
+    /// Drives the turn for a caller that releases the claim as soon as the inner future
+    /// is gone (the plain flavour). The pass-through and running states are polled
+    /// inline, and nothing but the output leaves this function.
+    #[inline(always)]
+    pub(crate) fn poll_released(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<S::Response, Ended<E>>> {
+        match self.as_mut().project() {
+            TurnProj::Passing { future, finished } if !*finished => {
+                let output = ready!(future.poll(cx));
+                *finished = true;
+                Poll::Ready(output.map_err(Ended::Inner))
+            }
+            TurnProj::Running { mut future, claim } => {
+                let Some(running) = future.as_mut().as_pin_mut() else {
+                    panic!("{POLLED_AFTER_COMPLETION}");
+                };
+                let output = ready!(running.poll(cx));
+                // The inner future goes first, then the key passes on.
+                future.set(None);
+                drop(claim.take());
+                Poll::Ready(output.map_err(Ended::Inner))
+            }
+            _ => self.poll_steps(cx).map(|outcome| match outcome {
+                Outcome::Answered(output, claim) => {
+                    drop(claim);
+                    output.map_err(Ended::Inner)
+                }
+                Outcome::Rejected(overloaded) => Err(Ended::Rejected(overloaded)),
+            }),
         }
     }
 

@@ -156,6 +156,14 @@ impl PanicOn {
 }
 
 impl tracing::Subscriber for PanicOn {
+    // Other tests of this binary run on other threads without a subscriber: asking each
+    // time keeps their "never" from sticking to the callsites this one needs.
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
     fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
         metadata.target() == "tower_sync_engine"
     }

@@ -37,6 +37,11 @@ impl Visit for Fields {
 }
 
 impl Subscriber for Capture {
+    // The tests of this binary run on several threads, some without a subscriber: asking
+    // each time keeps their "never" from sticking to the layer's callsites.
+    fn register_callsite(&self, _: &'static Metadata<'static>) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
         metadata.target() == "tower_sync_engine"
     }

@@ -27,6 +27,8 @@
 use std::collections::VecDeque;
 use std::task::Waker;
 
+use crate::trace::QueuedAt;
+
 /// Waiter slots a line keeps: it never shrinks below this, so that a key with a few
 /// waiters at a time does not reallocate.
 const RETAINED_WAITERS: usize = 8;
@@ -49,6 +51,8 @@ struct Waiter {
     ticket: u64,
     status: Status,
     waker: Option<Waker>,
+    /// When its request was called, for the `admitted` event.
+    since: QueuedAt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,8 +69,8 @@ enum Status {
 #[derive(Debug)]
 pub(super) enum Polled {
     /// The waiter left the line at its front: it may start now. Carries the waker it no
-    /// longer needs.
-    Turn(Option<Waker>),
+    /// longer needs, and when its request was called.
+    Turn(Option<Waker>, QueuedAt),
     /// Still waiting; carries the waker replaced by the current one, if any.
     Wait(Option<Waker>),
     /// Still waiting, and the stored waker would not wake the current task; call again
@@ -90,13 +94,13 @@ impl Line {
         self.live
     }
 
-    /// Adds a waiter at the back; `granted` if it takes a free permit at once. Returns its
-    /// ticket.
+    /// Adds a waiter at the back; `granted` if it takes a free permit at once; `since`, the
+    /// time of its `call()`. Returns its ticket.
     ///
     /// A granted waiter may only join when every live waiter holds a permit already
     /// (the caller checks that a permit is free, which implies it, see invariant 2 of the
     /// registry).
-    pub(super) fn push(&mut self, granted: bool) -> u64 {
+    pub(super) fn push(&mut self, granted: bool, since: QueuedAt) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let status = if granted {
@@ -114,6 +118,7 @@ impl Line {
             ticket,
             status,
             waker: None,
+            since,
         });
         ticket
     }
@@ -156,7 +161,7 @@ impl Line {
             self.live -= 1;
             self.granted -= 1;
             self.tidy();
-            return Polled::Turn(waiter.waker);
+            return Polled::Turn(waiter.waker, waiter.since);
         }
         match &waiter.waker {
             Some(stored) if stored.will_wake(current) => Polled::Wait(None),

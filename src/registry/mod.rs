@@ -100,7 +100,7 @@ use self::shard::{KeyBudget, Leaving, Position, Shard};
 use crate::error::Overloaded;
 use crate::stats::Stats;
 use crate::sync::{Arc, Mutex, MutexGuard};
-use crate::trace::{self, QueuedAt};
+use crate::trace;
 
 /// Shards per available core. Two workers spraying requests over random keys collide on
 /// a shard with probability about 1/shards per request, and a collision on a std
@@ -138,20 +138,20 @@ pub(crate) struct Claim<K> {
     cell: Arc<ShardCell<K>>,
     hash: u64,
     id: u64,
+    /// Its place in its key's line, while it waits.
+    ticket: u64,
     /// Where the key's entry was last seen in the shard's table.
-    bucket: usize,
+    bucket: u32,
     state: ClaimState,
 }
 
+/// Kept small, with the claim's other fields, because every response future carries a
+/// claim and is moved around by executors.
 #[derive(Clone, Copy, Debug)]
 enum ClaimState {
-    /// In the line with `ticket` since `since`. `registered` once a waker of this
-    /// claim's task is stored in the line.
-    Waiting {
-        ticket: u64,
-        registered: bool,
-        since: QueuedAt,
-    },
+    /// In the line with `ticket`. `registered` once a waker of this claim's task is
+    /// stored in the line.
+    Waiting { registered: bool },
     /// Holds a permit. `head` while it is still marked as the unstarted head; `notify`
     /// if the shard must be told when it starts (more than one permit per key).
     Holding { head: bool, notify: bool },
@@ -240,22 +240,20 @@ where
     #[inline]
     pub(crate) fn claim(&self, key: K) -> Result<Claim<K>, Overloaded> {
         let hash = spread(self.hasher.hash_one(&key));
+        let since = trace::called_at();
         let shards = self.shards();
         let cell = &shards[(hash >> SHARD_SHIFT) as usize & (shards.len() - 1)];
         let (claimed, spare_key) = {
             let mut shard = cell.lock();
             let notify = shard.settings().permits_per_key > 1;
-            let (place, spare_key) = shard.claim(hash, key);
+            let (place, spare_key) = shard.claim(hash, key, since);
             // The claim that owns the change is built before the lock is released.
             let claimed = place.map(|place| {
-                let (state, depth) = match place.position {
-                    Position::Head => (ClaimState::Holding { head: true, notify }, None),
+                let (state, ticket, depth) = match place.position {
+                    Position::Head => (ClaimState::Holding { head: true, notify }, 0, None),
                     Position::Waiting { ticket, depth } => (
-                        ClaimState::Waiting {
-                            ticket,
-                            registered: false,
-                            since: QueuedAt::NOT_TRACED,
-                        },
+                        ClaimState::Waiting { registered: false },
+                        ticket,
                         Some(depth),
                     ),
                 };
@@ -263,6 +261,7 @@ where
                     cell: Arc::clone(cell),
                     hash,
                     id: place.id,
+                    ticket,
                     bucket: place.bucket,
                     state,
                 };
@@ -273,9 +272,9 @@ where
         // Foreign code from here on: if it panics, the claim is dropped and gives its
         // place up like any dropped request.
         drop(spare_key);
-        let (mut claim, depth) = claimed?;
-        if let (Some(depth), ClaimState::Waiting { since, .. }) = (depth, &mut claim.state) {
-            *since = trace::queued(depth);
+        let (claim, depth) = claimed?;
+        if let Some(depth) = depth {
+            trace::queued(depth);
         }
         Ok(claim)
     }
@@ -314,21 +313,11 @@ impl<K> Claim<K> {
     pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match self.state {
             ClaimState::Holding { .. } => Poll::Ready(()),
-            ClaimState::Waiting {
-                ticket,
-                registered,
-                since,
-            } => self.poll_waiting(ticket, registered, since, cx),
+            ClaimState::Waiting { registered } => self.poll_waiting(registered, cx),
         }
     }
 
-    fn poll_waiting(
-        &mut self,
-        ticket: u64,
-        registered: bool,
-        since: QueuedAt,
-        cx: &mut Context<'_>,
-    ) -> Poll<()> {
+    fn poll_waiting(&mut self, registered: bool, cx: &mut Context<'_>) -> Poll<()> {
         // Cloning a waker runs executor code, so it happens before the lock is taken. A
         // claim that has registered before is usually polled because it was woken for
         // its turn, and then needs no clone at all.
@@ -339,12 +328,12 @@ impl<K> Claim<K> {
                 self.hash,
                 self.id,
                 &mut self.bucket,
-                ticket,
+                self.ticket,
                 &mut fresh,
                 cx.waker(),
             );
             let stale = match polled {
-                Polled::Turn(stale) => {
+                Polled::Turn(stale, since) => {
                     let notify = shard.settings().permits_per_key > 1;
                     self.state = ClaimState::Holding { head: true, notify };
                     drop(shard);
@@ -359,11 +348,7 @@ impl<K> Claim<K> {
                     continue;
                 }
             };
-            self.state = ClaimState::Waiting {
-                ticket,
-                registered: true,
-                since,
-            };
+            self.state = ClaimState::Waiting { registered: true };
             drop(shard);
             drop((stale, fresh));
             return Poll::Pending;
@@ -402,7 +387,9 @@ impl<K> Drop for Claim<K> {
     #[inline]
     fn drop(&mut self) {
         let leaving = match self.state {
-            ClaimState::Waiting { ticket, .. } => Leaving::Line { ticket },
+            ClaimState::Waiting { .. } => Leaving::Line {
+                ticket: self.ticket,
+            },
             ClaimState::Holding { head, .. } => Leaving::Permit { was_head: head },
         };
         let deferred = self

@@ -14,6 +14,7 @@ use super::line::{Line, Polled};
 use super::settings::{Settings, UNBOUNDED};
 use crate::error::{Limit, Overloaded};
 use crate::sync::{Arc, AtomicUsize, Ordering};
+use crate::trace::QueuedAt;
 
 /// Table capacity a shard keeps, whatever happens: enough for the few keys a shard holds
 /// at a time under light traffic, so that they come and go without reallocating.
@@ -70,7 +71,7 @@ pub(super) struct KeyBudget {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Place {
     pub(super) id: u64,
-    pub(super) bucket: usize,
+    pub(super) bucket: u32,
     pub(super) position: Position,
 }
 
@@ -159,7 +160,12 @@ impl<K> Shard<K> {
     ///
     /// `key` is handed back when the shard does not keep it (its key was live already,
     /// or the request was rejected), for the caller to drop after the lock is released.
-    pub(super) fn claim(&mut self, hash: u64, key: K) -> (Result<Place, Overloaded>, Option<K>)
+    pub(super) fn claim(
+        &mut self,
+        hash: u64,
+        key: K,
+        since: QueuedAt,
+    ) -> (Result<Place, Overloaded>, Option<K>)
     where
         K: Eq,
     {
@@ -172,13 +178,14 @@ impl<K> Shard<K> {
             hash_table::Entry::Occupied(mut occupied) => {
                 let bucket = occupied.bucket_index();
                 let state = occupied.get_mut();
-                let place = state
-                    .join(&self.settings, &mut self.spare_line)
-                    .map(|position| Place {
-                        id: state.id,
-                        bucket,
-                        position,
-                    });
+                let place =
+                    state
+                        .join(&self.settings, &mut self.spare_line, since)
+                        .map(|position| Place {
+                            id: state.id,
+                            bucket: bucket_hint(bucket),
+                            position,
+                        });
                 (place, Some(key))
             }
             hash_table::Entry::Vacant(vacant) => {
@@ -199,7 +206,7 @@ impl<K> Shard<K> {
                 });
                 let place = Place {
                     id,
-                    bucket: entry.bucket_index(),
+                    bucket: bucket_hint(entry.bucket_index()),
                     position: Position::Head,
                 };
                 (Ok(place), None)
@@ -213,7 +220,7 @@ impl<K> Shard<K> {
         &mut self,
         hash: u64,
         id: u64,
-        bucket: &mut usize,
+        bucket: &mut u32,
         ticket: u64,
         fresh: &mut Option<Waker>,
         current: &Waker,
@@ -223,14 +230,14 @@ impl<K> Shard<K> {
         let polled = state
             .line_mut()
             .poll(ticket, head_unstarted, fresh, current);
-        if let Polled::Turn(_) = polled {
+        if let Polled::Turn(..) = polled {
             state.head_unstarted = true;
         }
         polled
     }
 
     /// The unstarted head has called the inner service: the next claim may start.
-    pub(super) fn start(&mut self, hash: u64, id: u64, bucket: &mut usize) -> Deferred<K> {
+    pub(super) fn start(&mut self, hash: u64, id: u64, bucket: &mut u32) -> Deferred<K> {
         let state = self.state_mut(hash, id, bucket);
         state.head_unstarted = false;
         let wake = state.line.as_mut().and_then(|line| line.startable(false));
@@ -247,7 +254,7 @@ impl<K> Shard<K> {
         &mut self,
         hash: u64,
         id: u64,
-        bucket: &mut usize,
+        bucket: &mut u32,
         leaving: Leaving,
     ) -> Deferred<K> {
         let permits = self.settings.permits_per_key;
@@ -356,7 +363,7 @@ impl<K> Shard<K> {
         self.keys.shrink_to(target, |state| state.hash);
     }
 
-    fn state_mut(&mut self, hash: u64, id: u64, bucket: &mut usize) -> &mut KeyState<K> {
+    fn state_mut(&mut self, hash: u64, id: u64, bucket: &mut u32) -> &mut KeyState<K> {
         let index = self.bucket_of(hash, id, bucket);
         self.keys
             .get_bucket_mut(index)
@@ -366,19 +373,21 @@ impl<K> Shard<K> {
     /// The bucket of entry `(hash, id)`. `hint` is where it was; it is updated if the
     /// table has been resized since (invariant 4 makes the entry's presence certain).
     #[inline]
-    fn bucket_of(&self, hash: u64, id: u64, hint: &mut usize) -> usize {
+    fn bucket_of(&self, hash: u64, id: u64, hint: &mut u32) -> usize {
+        let guess = *hint as usize;
         if self
             .keys
-            .get_bucket(*hint)
+            .get_bucket(guess)
             .is_some_and(|state| state.id == id)
         {
-            return *hint;
+            return guess;
         }
-        *hint = self
+        let index = self
             .keys
             .find_bucket_index(hash, |state| state.id == id)
             .expect("a live claim's key entry is present");
-        *hint
+        *hint = bucket_hint(index);
+        index
     }
 }
 
@@ -389,6 +398,7 @@ impl<K> KeyState<K> {
         &mut self,
         settings: &Settings,
         spare_line: &mut Option<Box<Line>>,
+        since: QueuedAt,
     ) -> Result<Position, Overloaded> {
         let (line_empty, waiting) = self
             .line
@@ -411,7 +421,7 @@ impl<K> KeyState<K> {
         let line = self
             .line
             .get_or_insert_with(|| spare_line.take().unwrap_or_default());
-        let ticket = line.push(permit_free);
+        let ticket = line.push(permit_free, since);
         Ok(Position::Waiting {
             ticket,
             depth: line.live(),
@@ -423,4 +433,10 @@ impl<K> KeyState<K> {
             .as_mut()
             .expect("a waiting claim's key has a line")
     }
+}
+
+/// A bucket index as a claim keeps it. A table of more than `u32::MAX` buckets would only
+/// make the hint miss, and the entry is then found by its hash.
+fn bucket_hint(index: usize) -> u32 {
+    u32::try_from(index).unwrap_or(u32::MAX)
 }
