@@ -20,8 +20,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use loom::future::block_on;
-use loom::sync::{Arc, Mutex};
 use loom::sync::atomic::{AtomicUsize, Ordering};
+use loom::sync::{Arc, Mutex};
 use loom::thread;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -154,7 +154,8 @@ fn two_callers_on_one_key_race_with_a_release() {
             calls,
             called,
         } = engine(1);
-        let holder = service.call(0);
+        // The key is free: the holder is called inside `call()`.
+        let holder = call_recorded(&mut service, &calls, 0);
         let callers: Vec<_> = [1, 2]
             .into_iter()
             .map(|request| {
@@ -191,7 +192,8 @@ fn a_waiter_dropped_while_the_key_is_handed_to_it() {
         assert_eq!(block_on(last).unwrap(), 2);
         release.join().unwrap();
         cancel.join().unwrap();
-        assert_called(&called, &[2]);
+        // The holder was called inside `call()`, the key being free; `handed` never ran.
+        assert_called(&called, &[0, 2]);
         assert!(layer.stats().is_idle());
     });
 }
@@ -265,13 +267,14 @@ fn a_dropped_waiter_in_a_two_permit_line_passes_its_grant_on() {
         assert_eq!(block_on(third).unwrap(), 2);
         drop_first.join().unwrap();
         drop_second.join().unwrap();
-        assert_called(&called, &[2]);
+        // Two permits: the first two were called inside `call()`.
+        assert_called(&called, &[0, 1, 2]);
         assert!(layer.stats().is_idle());
     });
 }
 
 #[test]
-fn calls_polled_on_three_threads_start_in_call_order() {
+fn granted_waiters_polled_on_two_threads_start_in_call_order() {
     model(2, || {
         let Model {
             layer,
@@ -279,18 +282,22 @@ fn calls_polled_on_three_threads_start_in_call_order() {
             called,
             ..
         } = engine(2);
-        // 0 is the head; 1 is a granted waiter; 2 waits for a permit. Each is driven on
-        // a thread of its own, in any order loom picks.
-        let threads: Vec<_> = (0..3)
+        // Two permits: 0 and 1 find the key free and are called inside `call()`; 2 and 3
+        // wait. When 0 and 1 are dropped, both waiters are granted a permit, and each is
+        // driven on a thread of its own, in any order loom picks: 3 must not start
+        // before 2.
+        let running = [service.call(0), service.call(1)];
+        let threads: Vec<_> = (2..4)
             .map(|request| {
                 let future = service.call(request);
                 thread::spawn(move || block_on(future).unwrap())
             })
             .collect();
+        drop(running);
         for thread in threads {
             thread.join().unwrap();
         }
-        assert_called(&called, &[0, 1, 2]);
+        assert_called(&called, &[0, 1, 2, 3]);
         assert!(layer.stats().is_idle());
     });
 }
