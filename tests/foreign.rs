@@ -6,11 +6,12 @@ mod support;
 
 use std::hash::{Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use support::capture::Capture;
 use tokio_test::{assert_pending, assert_ready_ok, task};
 use tower::{Layer, Service, service_fn};
 use tower_sync_engine::{Mode, SyncEngineLayer};
@@ -140,58 +141,6 @@ fn a_rejected_request_whose_key_drop_panics_leaves_nothing_behind() {
     assert!(layer.stats().is_idle());
 }
 
-/// A subscriber that panics on the event named `fatal`, and records nothing else.
-struct PanicOn {
-    fatal: &'static str,
-    armed: AtomicBool,
-}
-
-impl PanicOn {
-    fn new(fatal: &'static str) -> Self {
-        PanicOn {
-            fatal,
-            armed: AtomicBool::new(true),
-        }
-    }
-}
-
-impl tracing::Subscriber for PanicOn {
-    // Other tests of this binary run on other threads without a subscriber: asking each
-    // time keeps their "never" from sticking to the callsites this one needs.
-    fn register_callsite(
-        &self,
-        _: &'static tracing::Metadata<'static>,
-    ) -> tracing::subscriber::Interest {
-        tracing::subscriber::Interest::sometimes()
-    }
-    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
-        metadata.target() == "tower_sync_engine"
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        struct Message(String);
-        impl tracing::field::Visit for Message {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                if field.name() == "message" {
-                    self.0 = format!("{value:?}");
-                }
-            }
-        }
-        let mut message = Message(String::new());
-        event.record(&mut message);
-        // Panics once, so the test can go on using the layer with the subscriber set.
-        if message.0 == self.fatal && self.armed.swap(false, Ordering::SeqCst) {
-            panic!("injected: a subscriber panicked on {}", self.fatal);
-        }
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
 fn plain(request: &Request) -> Mode<u64> {
     Mode::Sync(request.key)
 }
@@ -200,7 +149,7 @@ fn plain(request: &Request) -> Mode<u64> {
 #[test]
 fn a_subscriber_that_panics_on_queued_leaves_no_phantom_waiter() {
     support::quiet_handler_panics();
-    let _subscriber = tracing::subscriber::set_default(PanicOn::new("queued"));
+    let _subscriber = tracing::subscriber::set_default(Capture::panicking_on("queued"));
     let starts = Starts::default();
     let layer = SyncEngineLayer::new(plain);
     let mut service = layer.layer(recording(&starts));
@@ -243,7 +192,7 @@ impl Hasher for Constant {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_panics_on_admitted_leaves_the_shard_whole() {
     support::quiet_handler_panics();
-    let subscriber = Arc::new(PanicOn::new("admitted"));
+    let subscriber = Capture::panicking_on("admitted");
     let _subscriber = tracing::subscriber::set_default(subscriber.clone());
     let starts = Starts::default();
     let layer = SyncEngineLayer::new(plain).with_hasher(OneShard);
@@ -297,10 +246,7 @@ async fn a_subscriber_that_panics_on_admitted_leaves_the_shard_whole() {
         .filter(|seq| *seq >= 10)
         .collect();
     assert_eq!(key_two, [10, 11, 12, 13]);
-    assert!(
-        !subscriber.armed.load(Ordering::SeqCst),
-        "no admitted event fired"
-    );
+    assert!(subscriber.has_panicked(), "no admitted event fired");
     assert!(layer.stats().is_idle(), "{:?}", layer.stats());
 }
 

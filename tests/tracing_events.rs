@@ -6,72 +6,16 @@
 //! `tests/tracing.rs` checks the exact times waited on a paused tokio clock.
 #![cfg(feature = "tracing")]
 
+mod support;
+
 use std::convert::Infallible;
 use std::future::ready;
-use std::sync::{Arc, Mutex};
 
+use support::capture::Capture;
 use tokio_test::{assert_pending, assert_ready_ok, task};
 use tower::{Layer, Service, service_fn};
 use tower_sync_engine::{Mode, SyncEngineLayer};
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Level, Metadata, Subscriber};
-
-/// One event from this crate: its level, its message, and its numeric fields.
-#[derive(Debug, Default)]
-struct Captured {
-    level: Option<Level>,
-    message: String,
-    numbers: Vec<(&'static str, u64)>,
-}
-
-impl Visit for Captured {
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.numbers.push((field.name(), value));
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.message = format!("{value:?}");
-        }
-    }
-}
-
-/// A subscriber that keeps every event with this crate's target.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<Captured>>>);
-
-impl Capture {
-    fn take(&self) -> Vec<Captured> {
-        std::mem::take(&mut *self.0.lock().unwrap())
-    }
-}
-
-impl Subscriber for Capture {
-    // The tests of this binary run on several threads, some without a subscriber: asking
-    // each time keeps their "never" from sticking to the layer's callsites.
-    fn register_callsite(&self, _: &'static Metadata<'static>) -> tracing::subscriber::Interest {
-        tracing::subscriber::Interest::sometimes()
-    }
-    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.target() == "tower_sync_engine"
-    }
-    fn new_span(&self, _: &Attributes<'_>) -> Id {
-        Id::from_u64(1)
-    }
-    fn record(&self, _: &Id, _: &Record<'_>) {}
-    fn record_follows_from(&self, _: &Id, _: &Id) {}
-    fn event(&self, event: &Event<'_>) {
-        let mut captured = Captured {
-            level: Some(*event.metadata().level()),
-            ..Captured::default()
-        };
-        event.record(&mut captured);
-        self.0.lock().unwrap().push(captured);
-    }
-    fn enter(&self, _: &Id) {}
-    fn exit(&self, _: &Id) {}
-}
+use tracing::Level;
 
 #[test]
 fn waiting_requests_emit_queued_and_admitted_without_a_runtime() {
