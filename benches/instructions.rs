@@ -48,16 +48,22 @@ impl Service<u64> for Echo {
 type Policy = fn(&u64) -> Mode<u64>;
 type Layered<H = RandomState> = SyncEngine<Echo, Policy, u64, H>;
 
-/// A layer over `Echo`, its domain built by one request beforehand (as the first request
-/// of a real service would), so that only steady-state work is counted.
+/// A layer over `Echo`, warmed up beforehand by `WARM_UP` requests on keys the benchmarks
+/// do not use, as a running service is: its domain is built and every shard's table has
+/// been allocated, so that only steady-state work is counted.
 fn layered<H: std::hash::BuildHasher>(hasher: H) -> Layered<H> {
     let mut service = SyncEngineLayer::new(policy as Policy)
         .with_hasher(hasher)
         .layer(Echo);
     let mut cx = Context::from_waker(Waker::noop());
-    one_request(&mut service, u64::MAX >> 1, &mut cx);
+    for key in 0..WARM_UP {
+        one_request(&mut service, (u64::MAX >> 1) - key, &mut cx);
+    }
     service
 }
+
+/// Requests that warm a service up: enough to reach every shard many times over.
+const WARM_UP: u64 = 100_000;
 
 fn default_hasher() -> Layered {
     layered(RandomState::new())

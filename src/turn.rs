@@ -186,37 +186,54 @@ where
     }
 
     /// Drives the turn for a caller that releases the claim as soon as the inner future
-    /// is gone (the plain flavour). The pass-through and running states are polled
-    /// inline, and nothing but the output leaves this function.
+    /// is gone (the plain flavour). Only the pass-through state is polled inline, so that
+    /// a `Mode::Concurrent` request costs a compare of the tag and its inner poll.
     #[inline(always)]
     pub(crate) fn poll_released(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<S::Response, Ended<E>>> {
-        match self.as_mut().project() {
-            TurnProj::Passing { future, finished } if !*finished => {
+        // The tag is checked before projecting, which keeps this path to a compare.
+        if matches!(
+            *self,
+            Turn::Passing {
+                finished: false,
+                ..
+            }
+        ) {
+            if let TurnProj::Passing { future, finished } = self.as_mut().project() {
                 let output = ready!(future.poll(cx));
                 *finished = true;
-                Poll::Ready(output.map_err(Ended::Inner))
+                return Poll::Ready(output.map_err(Ended::Inner));
             }
-            TurnProj::Running { mut future, claim } => {
-                let Some(running) = future.as_mut().as_pin_mut() else {
-                    panic!("{POLLED_AFTER_COMPLETION}");
-                };
-                let output = ready!(running.poll(cx));
-                // The inner future goes first, then the key passes on.
-                future.set(None);
-                drop(claim.take());
-                Poll::Ready(output.map_err(Ended::Inner))
-            }
-            _ => self.poll_steps(cx).map(|outcome| match outcome {
-                Outcome::Answered(output, claim) => {
-                    drop(claim);
-                    output.map_err(Ended::Inner)
-                }
-                Outcome::Rejected(overloaded) => Err(Ended::Rejected(overloaded)),
-            }),
         }
+        self.poll_released_steps(cx)
+    }
+
+    /// Every state of [`Turn::poll_released`] but a pass-through, out of line so that
+    /// the pass-through path stays small.
+    #[inline(never)]
+    fn poll_released_steps(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<S::Response, Ended<E>>> {
+        if let TurnProj::Running { mut future, claim } = self.as_mut().project() {
+            let Some(running) = future.as_mut().as_pin_mut() else {
+                panic!("{POLLED_AFTER_COMPLETION}");
+            };
+            let output = ready!(running.poll(cx));
+            // The inner future goes first, then the key passes on.
+            future.set(None);
+            drop(claim.take());
+            return Poll::Ready(output.map_err(Ended::Inner));
+        }
+        self.poll_steps(cx).map(|outcome| match outcome {
+            Outcome::Answered(output, claim) => {
+                drop(claim);
+                output.map_err(Ended::Inner)
+            }
+            Outcome::Rejected(overloaded) => Err(Ended::Rejected(overloaded)),
+        })
     }
 
     #[inline(never)]

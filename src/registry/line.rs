@@ -221,6 +221,10 @@ impl Line {
 
     /// Moves `first_waiting` to the first waiting waiter at or after `index`.
     fn advance_first_waiting(&mut self, index: usize) {
+        // Nobody may wait: the granted prefix can cover the whole line.
+        if self.waiting() == 0 {
+            return;
+        }
         if let Some(next) = self
             .waiters
             .range(index..)
@@ -231,8 +235,13 @@ impl Line {
     }
 
     /// The index of the live waiter with `ticket`.
+    #[inline]
     fn index_of(&self, ticket: u64) -> usize {
         let front = self.waiters.front().map_or(ticket, |front| front.ticket);
+        if ticket == front {
+            // The common case: the front waiter is polled, granted or woken.
+            return 0;
+        }
         let guess = usize::try_from(ticket - front).unwrap_or(usize::MAX);
         match self.waiters.get(guess) {
             Some(waiter) if waiter.ticket == ticket => guess,

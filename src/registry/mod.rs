@@ -134,15 +134,22 @@ struct ShardCell<K> {
 /// A request's place on its key, from `call()` until the request is done.
 ///
 /// Dropping it, in any state, gives the place up and lets the next claim in line go.
+///
+/// The small fields come first, in a fixed order (`repr(C)`), so that they share the first
+/// eight bytes and no enum wrapping a claim (`Result`, `Option`, the turn's states) puts
+/// its own tag or payload inside the shard pointer. Otherwise the pointer is written in
+/// pieces, and reading it back whole right after (a move of the claim) stalls the CPU:
+/// a load that spans several earlier stores cannot take its value from them.
+#[repr(C)]
 pub(crate) struct Claim<K> {
+    state: ClaimState,
+    /// Where the key's entry was last seen in the shard's table.
+    bucket: u32,
     cell: Arc<ShardCell<K>>,
     hash: u64,
     id: u64,
     /// Its place in its key's line, while it waits.
     ticket: u64,
-    /// Where the key's entry was last seen in the shard's table.
-    bucket: u32,
-    state: ClaimState,
 }
 
 /// Kept small, with the claim's other fields, because every response future carries a

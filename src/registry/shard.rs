@@ -160,6 +160,7 @@ impl<K> Shard<K> {
     ///
     /// `key` is handed back when the shard does not keep it (its key was live already,
     /// or the request was rejected), for the caller to drop after the lock is released.
+    #[inline]
     pub(super) fn claim(
         &mut self,
         hash: u64,
@@ -250,6 +251,7 @@ impl<K> Shard<K> {
 
     /// A claim finished or was dropped: gives back what it held, passes free permits on
     /// in call order, and removes the key's entry if nothing holds or waits for it.
+    #[inline]
     pub(super) fn leave(
         &mut self,
         hash: u64,
