@@ -244,7 +244,7 @@ where
     H: BuildHasher,
 {
     /// Takes `key`'s next place in call order, or rejects the request if a limit is hit.
-    #[inline(never)]
+    #[inline]
     pub(crate) fn claim(&self, key: K) -> Result<Claim<K>, Overloaded> {
         let hash = spread(self.hasher.hash_one(&key));
         let since = trace::called_at();
