@@ -75,14 +75,28 @@ where
 
     #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project()
-            .turn
-            .poll_released(cx)
-            .map_err(|ended| match ended {
-                Ended::Inner(error) => error.into(),
-                Ended::Rejected(overloaded) => overloaded.into(),
-            })
+        let mut turn = self.project().turn;
+        match turn.as_mut().poll_passing(cx) {
+            Some(poll) => poll.map_err(Into::into),
+            None => poll_to_end(turn, cx),
+        }
     }
+}
+
+/// Every state but a pass-through, out of line (see [`Turn::poll_passing`]).
+#[inline(never)]
+fn poll_to_end<S, Req, K>(
+    turn: Pin<&mut Turn<S, Req, S::Future, S::Error, K>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<S::Response, BoxError>>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    turn.poll_released(cx).map_err(|ended| match ended {
+        Ended::Inner(error) => error.into(),
+        Ended::Rejected(overloaded) => overloaded.into(),
+    })
 }
 
 impl<S, Req, K> fmt::Debug for ResponseFuture<S, Req, K>

@@ -41,6 +41,11 @@ pin_project! {
         // completed (so that polling again panics with this crate's message without
         // dropping anything on the fast path).
         Passing { #[pin] future: F, finished: bool },
+        // Rejected in `call()` by a limit.
+        Rejected { overloaded: Overloaded },
+        Done,
+        // The states that may hold a claim come last, so that dropping a turn in one of
+        // the others is a single compare.
         // Waiting for the claim's turn (a Sync request), then for readiness.
         Waiting { service: S, request: Option<Req>, claim: Option<Claim<K>> },
         // A Sync request that called the inner service. The claim is declared after the
@@ -48,12 +53,9 @@ pin_project! {
         // inner future completes, it is dropped in place and the claim is taken out;
         // both are then `None`.
         Running { #[pin] future: Option<F>, claim: Option<Claim<K>> },
-        // Rejected in `call()` by a limit.
-        Rejected { overloaded: Overloaded },
         // The inner service failed its readiness check in `call()`; a Sync request still
         // holds its claim until the error is returned.
         Failed { error: Option<E>, claim: Option<Claim<K>> },
-        Done,
     }
 }
 
@@ -185,35 +187,37 @@ where
         }
     }
 
-    /// Drives the turn for a caller that releases the claim as soon as the inner future
-    /// is gone (the plain flavour). Only the pass-through state is polled inline, so that
-    /// a `Mode::Concurrent` request costs a compare of the tag and its inner poll.
+    /// Polls a pass-through turn: `None` in every other state, which the caller drives
+    /// with [`Turn::poll_released`]. Kept apart so that a `Mode::Concurrent` request
+    /// costs a compare of the tag and its inner poll, and nothing of the other states
+    /// (their stack, their calls) is paid for on its path.
     #[inline(always)]
-    pub(crate) fn poll_released(
+    pub(crate) fn poll_passing(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<S::Response, Ended<E>>> {
+    ) -> Option<Poll<Result<S::Response, E>>> {
         // The tag is checked before projecting, which keeps this path to a compare.
-        if matches!(
+        if !matches!(
             *self,
             Turn::Passing {
                 finished: false,
                 ..
             }
         ) {
-            if let TurnProj::Passing { future, finished } = self.as_mut().project() {
-                let output = ready!(future.poll(cx));
-                *finished = true;
-                return Poll::Ready(output.map_err(Ended::Inner));
-            }
+            return None;
         }
-        self.poll_released_steps(cx)
+        let TurnProj::Passing { future, finished } = self.as_mut().project() else {
+            return None;
+        };
+        let poll = future.poll(cx);
+        *finished = poll.is_ready();
+        Some(poll)
     }
 
-    /// Every state of [`Turn::poll_released`] but a pass-through, out of line so that
-    /// the pass-through path stays small.
-    #[inline(never)]
-    fn poll_released_steps(
+    /// Drives the turn for a caller that releases the claim as soon as the inner future
+    /// is gone (the plain flavour).
+    #[inline]
+    pub(crate) fn poll_released(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<S::Response, Ended<E>>> {

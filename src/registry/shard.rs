@@ -160,7 +160,7 @@ impl<K> Shard<K> {
     ///
     /// `key` is handed back when the shard does not keep it (its key was live already,
     /// or the request was rejected), for the caller to drop after the lock is released.
-    #[inline]
+    #[inline(always)]
     pub(super) fn claim(
         &mut self,
         hash: u64,
@@ -260,12 +260,7 @@ impl<K> Shard<K> {
         leaving: Leaving,
     ) -> Deferred<K> {
         let permits = self.settings.permits_per_key;
-        let index = self.bucket_of(hash, id, bucket);
-        let mut occupied = self
-            .keys
-            .get_bucket_entry(index)
-            .ok()
-            .expect("a live claim's key entry is present");
+        let mut occupied = entry_of(&mut self.keys, hash, id, bucket);
         let state = occupied.get_mut();
         let stale = match leaving {
             Leaving::Permit { was_head } => {
@@ -366,31 +361,31 @@ impl<K> Shard<K> {
     }
 
     fn state_mut(&mut self, hash: u64, id: u64, bucket: &mut u32) -> &mut KeyState<K> {
-        let index = self.bucket_of(hash, id, bucket);
-        self.keys
-            .get_bucket_mut(index)
-            .expect("a live claim's key entry is present")
+        entry_of(&mut self.keys, hash, id, bucket).into_mut()
     }
+}
 
-    /// The bucket of entry `(hash, id)`. `hint` is where it was; it is updated if the
-    /// table has been resized since (invariant 4 makes the entry's presence certain).
-    #[inline]
-    fn bucket_of(&self, hash: u64, id: u64, hint: &mut u32) -> usize {
-        let guess = *hint as usize;
-        if self
-            .keys
-            .get_bucket(guess)
-            .is_some_and(|state| state.id == id)
-        {
-            return guess;
-        }
-        let index = self
-            .keys
-            .find_bucket_index(hash, |state| state.id == id)
-            .expect("a live claim's key entry is present");
-        *hint = bucket_hint(index);
-        index
-    }
+/// The entry `(hash, id)` of `keys`. `hint` is the bucket where it was; it is updated if
+/// the table has been resized since (invariant 4 makes the entry's presence certain).
+#[inline]
+fn entry_of<'a, K>(
+    keys: &'a mut HashTable<KeyState<K>>,
+    hash: u64,
+    id: u64,
+    hint: &mut u32,
+) -> hash_table::OccupiedEntry<'a, KeyState<K>> {
+    let keys = match keys.get_bucket_entry(*hint as usize) {
+        Ok(entry) if entry.get().id == id => return entry,
+        Ok(entry) => entry.into_table(),
+        Err(absent) => absent.into_table(),
+    };
+    let index = keys
+        .find_bucket_index(hash, |state| state.id == id)
+        .expect("a live claim's key entry is present");
+    *hint = bucket_hint(index);
+    keys.get_bucket_entry(index)
+        .ok()
+        .expect("a live claim's key entry is present")
 }
 
 impl<K> KeyState<K> {
