@@ -372,22 +372,31 @@ impl<K> Claim<K> {
             notify: true,
         } = self.state
         {
-            self.notify_started();
-        }
-    }
-
-    fn notify_started(&mut self) {
-        let deferred = {
-            let mut shard = self.cell.lock();
-            let deferred = shard.start(self.hash, self.id, &mut self.bucket);
+            // The shard is told through the claim's fields, not its address, so that a
+            // claim being built in `call()` can stay in registers until it is in place.
+            let (bucket, deferred) = notify_started(&self.cell, self.hash, self.id, self.bucket);
+            // Recorded before the deferred wake runs any foreign code (invariant 6).
+            self.bucket = bucket;
             self.state = ClaimState::Holding {
                 head: false,
                 notify: true,
             };
-            deferred
-        };
-        deferred.run();
+            deferred.run();
+        }
     }
+}
+
+/// Tells the shard that the unstarted head `(hash, id)` has called the inner service.
+/// Returns where its entry is now, and what to do once the claim has recorded it.
+#[inline(never)]
+fn notify_started<K>(
+    cell: &ShardCell<K>,
+    hash: u64,
+    id: u64,
+    mut bucket: u32,
+) -> (u32, shard::Deferred<K>) {
+    let deferred = cell.lock().start(hash, id, &mut bucket);
+    (bucket, deferred)
 }
 
 impl<K> Drop for Claim<K> {
