@@ -37,10 +37,9 @@ pin_project! {
     /// The state of one request; see the module docs.
     #[project = TurnProj]
     pub(crate) enum Turn<S, Req, F, E, K> {
-        // A Concurrent request: nothing but the inner future, and whether it has
-        // completed (so that polling again panics with this crate's message without
-        // dropping anything on the fast path).
-        Passing { #[pin] future: F, finished: bool },
+        // A Concurrent request: nothing but the inner future. It becomes `Done` when
+        // the inner future completes.
+        Passing { #[pin] future: F },
         // Rejected in `call()` by a limit.
         Rejected { overloaded: Overloaded },
         Done,
@@ -103,7 +102,6 @@ where
                 match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
                     Poll::Ready(Ok(())) => Turn::Passing {
                         future: inner.call(request),
-                        finished: false,
                     },
                     Poll::Ready(Err(error)) => Turn::Failed {
                         error: Some(error),
@@ -169,9 +167,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Outcome<S::Response, E, K>> {
         match self.as_mut().project() {
-            TurnProj::Passing { future, finished } if !*finished => {
+            TurnProj::Passing { future } => {
                 let output = ready!(future.poll(cx));
-                *finished = true;
+                self.set(Turn::Done);
                 Poll::Ready(Outcome::Answered(output, None))
             }
             TurnProj::Running { mut future, claim } => {
@@ -197,20 +195,16 @@ where
         cx: &mut Context<'_>,
     ) -> Option<Poll<Result<S::Response, E>>> {
         // The tag is checked before projecting, which keeps this path to a compare.
-        if !matches!(
-            *self,
-            Turn::Passing {
-                finished: false,
-                ..
-            }
-        ) {
+        if !matches!(*self, Turn::Passing { .. }) {
             return None;
         }
-        let TurnProj::Passing { future, finished } = self.as_mut().project() else {
+        let TurnProj::Passing { future } = self.as_mut().project() else {
             return None;
         };
         let poll = future.poll(cx);
-        *finished = poll.is_ready();
+        if poll.is_ready() {
+            self.set(Turn::Done);
+        }
         Some(poll)
     }
 
@@ -248,12 +242,9 @@ where
     ) -> Poll<Outcome<S::Response, E, K>> {
         loop {
             match self.as_mut().project() {
-                TurnProj::Passing { future, finished } => {
-                    if *finished {
-                        panic!("{POLLED_AFTER_COMPLETION}");
-                    }
+                TurnProj::Passing { future } => {
                     let output = ready!(future.poll(cx));
-                    *finished = true;
+                    self.set(Turn::Done);
                     return Poll::Ready(Outcome::Answered(output, None));
                 }
                 TurnProj::Waiting {
@@ -279,10 +270,7 @@ where
                                 claim: Some(claim),
                             }
                         }
-                        None => Turn::Passing {
-                            future,
-                            finished: false,
-                        },
+                        None => Turn::Passing { future },
                     };
                     self.set(next);
                 }
@@ -306,10 +294,7 @@ where
     /// What the turn is doing, for `Debug`.
     pub(crate) fn describe(&self) -> &'static str {
         match self {
-            Turn::Passing {
-                finished: false, ..
-            } => "passing through",
-            Turn::Passing { finished: true, .. } => "done",
+            Turn::Passing { .. } => "passing through",
             Turn::Waiting { claim: Some(_), .. } => "waiting for its key's turn or readiness",
             Turn::Waiting { claim: None, .. } => "waiting for readiness",
             Turn::Running {
