@@ -49,9 +49,9 @@ pin_project! {
         Waiting { service: S, request: Option<Req>, claim: Option<Claim<K>> },
         // A Sync request that called the inner service. The claim is declared after the
         // future, so that dropping the state drops the inner future first. When the
-        // inner future completes, it is dropped in place and the claim is taken out;
-        // both are then `None`.
-        Running { #[pin] future: Option<F>, claim: Option<Claim<K>> },
+        // inner future completes, the state becomes `Done`, which drops both in place
+        // in that order (the HTTP flavour takes the claim out first, for the body).
+        Running { #[pin] future: F, claim: Option<Claim<K>> },
         // The inner service failed its readiness check in `call()`; a Sync request still
         // holds its claim until the error is returned.
         Failed { error: Option<E>, claim: Option<Claim<K>> },
@@ -123,7 +123,7 @@ where
                             let future = inner.call(request);
                             claim.started();
                             Turn::Running {
-                                future: Some(future),
+                                future,
                                 claim: Some(claim),
                             }
                         }
@@ -172,14 +172,12 @@ where
                 self.set(Turn::Done);
                 Poll::Ready(Outcome::Answered(output, None))
             }
-            TurnProj::Running { mut future, claim } => {
-                let Some(running) = future.as_mut().as_pin_mut() else {
-                    panic!("{POLLED_AFTER_COMPLETION}");
-                };
-                let output = ready!(running.poll(cx));
+            TurnProj::Running { future, claim } => {
+                let output = ready!(future.poll(cx));
+                let claim = claim.take();
                 // The inner future is dropped before the caller can release the claim.
-                future.set(None);
-                Poll::Ready(Outcome::Answered(output, claim.take()))
+                self.set(Turn::Done);
+                Poll::Ready(Outcome::Answered(output, claim))
             }
             _ => self.poll_steps(cx),
         }
@@ -215,15 +213,12 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<S::Response, Ended<E>>> {
-        if let TurnProj::Running { mut future, claim } = self.as_mut().project() {
-            let Some(running) = future.as_mut().as_pin_mut() else {
-                panic!("{POLLED_AFTER_COMPLETION}");
-            };
-            let output = ready!(running.poll(cx));
-            // The inner future goes first, then the key passes on. Both are dropped in
-            // place: moving the claim out first would copy it for nothing.
-            future.set(None);
-            *claim = None;
+        if let TurnProj::Running { future, .. } = self.as_mut().project() {
+            let output = ready!(future.poll(cx));
+            // The inner future goes first, then the key passes on: both are dropped in
+            // place, in the order of their declaration. (Moving the claim out first
+            // would copy it for nothing.)
+            self.set(Turn::Done);
             return Poll::Ready(output.map_err(Ended::Inner));
         }
         self.poll_steps(cx).map(|outcome| match outcome {
@@ -266,7 +261,7 @@ where
                         Some(mut claim) => {
                             claim.started();
                             Turn::Running {
-                                future: Some(future),
+                                future,
                                 claim: Some(claim),
                             }
                         }
@@ -297,10 +292,7 @@ where
             Turn::Passing { .. } => "passing through",
             Turn::Waiting { claim: Some(_), .. } => "waiting for its key's turn or readiness",
             Turn::Waiting { claim: None, .. } => "waiting for readiness",
-            Turn::Running {
-                future: Some(_), ..
-            } => "running",
-            Turn::Running { future: None, .. } => "done",
+            Turn::Running { .. } => "running",
             Turn::Rejected { .. } => "rejected",
             Turn::Failed { .. } => "failed",
             Turn::Done => "done",

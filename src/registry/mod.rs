@@ -250,36 +250,38 @@ where
         let since = trace::called_at();
         let shards = self.shards();
         let cell = &shards[(hash >> SHARD_SHIFT) as usize & (shards.len() - 1)];
-        let (claimed, spare_key) = {
+        let (placed, spare_key, notify) = {
             let mut shard = cell.lock();
             let notify = shard.settings().permits_per_key > 1;
-            let (place, spare_key) = shard.claim(hash, key, since);
-            // The claim that owns the change is built before the lock is released.
-            let claimed = place.map(|place| {
-                let (state, ticket, depth) = match place.position {
-                    Position::Head => (ClaimState::Holding { head: true, notify }, 0, None),
-                    Position::Waiting { ticket, depth } => (
-                        ClaimState::Waiting { registered: false },
-                        ticket,
-                        Some(depth),
-                    ),
-                };
-                let claim = Claim {
-                    cell: Arc::clone(cell),
-                    hash,
-                    id: place.id,
-                    ticket,
-                    bucket: place.bucket,
-                    state,
-                };
-                (claim, depth)
-            });
-            (claimed, spare_key)
+            let (placed, spare_key) = shard.claim(hash, key, since);
+            (placed, spare_key, notify)
         };
-        // Foreign code from here on: if it panics, the claim is dropped and gives its
-        // place up like any dropped request.
+        // No foreign code runs until the claim that owns the change exists; from then on
+        // a panic drops the claim, which gives its place up like any dropped request.
+        let place = match placed {
+            Ok(place) => place,
+            Err(overloaded) => {
+                drop(spare_key);
+                return Err(overloaded);
+            }
+        };
+        let (state, ticket, depth) = match place.position {
+            Position::Head => (ClaimState::Holding { head: true, notify }, 0, None),
+            Position::Waiting { ticket, depth } => (
+                ClaimState::Waiting { registered: false },
+                ticket,
+                Some(depth),
+            ),
+        };
+        let claim = Claim {
+            state,
+            bucket: place.bucket,
+            cell: Arc::clone(cell),
+            hash,
+            id: place.id,
+            ticket,
+        };
         drop(spare_key);
-        let (claim, depth) = claimed?;
         if let Some(depth) = depth {
             trace::queued(depth);
         }
