@@ -83,10 +83,14 @@ where
     }
 }
 
+/// The turn of a plain request.
+type PlainTurn<S, Req, K> =
+    Turn<S, Req, <S as Service<Req>>::Future, <S as Service<Req>>::Error, K>;
+
 /// Every state but a pass-through, out of line (see [`Turn::poll_passing`]).
 #[inline(never)]
 fn poll_to_end<S, Req, K>(
-    turn: Pin<&mut Turn<S, Req, S::Future, S::Error, K>>,
+    turn: Pin<&mut PlainTurn<S, Req, K>>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<S::Response, BoxError>>
 where
