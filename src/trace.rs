@@ -38,7 +38,18 @@ mod imp {
         }
     }
 
+    /// Checks the level inline, so that a request that waits pays one load and compare
+    /// when nobody listens; the event itself is built out of line.
+    #[inline]
     pub(crate) fn queued(depth: u32) {
+        if tracing::level_enabled!(Level::DEBUG) {
+            queued_event(depth);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn queued_event(depth: u32) {
         tracing::debug!(
             target: "tower_sync_engine",
             queue_depth = depth,
@@ -46,10 +57,17 @@ mod imp {
         );
     }
 
+    /// `since` is set only when the events were enabled at `call()`.
+    #[inline]
     pub(crate) fn admitted(since: QueuedAt) {
-        let Some(since) = since.0 else {
-            return;
-        };
+        if let Some(since) = since.0 {
+            admitted_event(since);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn admitted_event(since: Instant) {
         let waited = since.elapsed();
         tracing::debug!(
             target: "tower_sync_engine",
@@ -69,7 +87,9 @@ mod imp {
         QueuedAt
     }
 
+    #[inline]
     pub(crate) fn queued(_depth: u32) {}
 
+    #[inline]
     pub(crate) fn admitted(_since: QueuedAt) {}
 }

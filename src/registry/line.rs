@@ -199,6 +199,7 @@ impl Line {
     /// Pops gone waiters off the front (invariant 2), compacts the line once gone
     /// waiters outnumber the live ones, and gives memory back once the line is mostly
     /// empty.
+    #[inline]
     fn tidy(&mut self) {
         while self
             .waiters
