@@ -198,9 +198,25 @@ impl Line {
 
     /// Pops gone waiters off the front (invariant 2), compacts the line once gone
     /// waiters outnumber the live ones, and gives memory back once the line is mostly
-    /// empty.
+    /// empty. The checks are inline; the work, rarely needed, is not.
     #[inline]
     fn tidy(&mut self) {
+        let len = self.waiters.len();
+        let live = self.live as usize;
+        let front_gone = self
+            .waiters
+            .front()
+            .is_some_and(|front| front.status == Status::Gone);
+        let compact = len - live > live && len > RETAINED_WAITERS;
+        let capacity = self.waiters.capacity();
+        let shrink = capacity > RETAINED_WAITERS && len * 8 <= capacity;
+        if front_gone || compact || shrink {
+            self.tidy_now();
+        }
+    }
+
+    #[inline(never)]
+    fn tidy_now(&mut self) {
         while self
             .waiters
             .front()
@@ -239,17 +255,19 @@ impl Line {
     #[inline]
     fn index_of(&self, ticket: u64) -> usize {
         let front = self.waiters.front().map_or(ticket, |front| front.ticket);
-        if ticket == front {
-            // The common case: the front waiter is polled, granted or woken.
-            return 0;
-        }
+        // Usually the waiter is where its ticket says: nothing in front of it has been
+        // compacted away (the front one, polled or granted, is the common case).
         let guess = usize::try_from(ticket - front).unwrap_or(usize::MAX);
         match self.waiters.get(guess) {
             Some(waiter) if waiter.ticket == ticket => guess,
-            _ => self
-                .waiters
-                .binary_search_by_key(&ticket, |waiter| waiter.ticket)
-                .expect("a live claim's waiter is in its line"),
+            _ => self.search(ticket),
         }
+    }
+
+    #[inline(never)]
+    fn search(&self, ticket: u64) -> usize {
+        self.waiters
+            .binary_search_by_key(&ticket, |waiter| waiter.ticket)
+            .expect("a live claim's waiter is in its line")
     }
 }
