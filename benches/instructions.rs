@@ -105,6 +105,14 @@ fn layer_sync_new_key(service: Layered) -> u64 {
     sends(service, |n| n)
 }
 
+// The same key every time, one request after the other: the key's entry is created and
+// removed by each request, in the same place of the same table.
+#[library_benchmark]
+#[bench::default_hasher(setup = default_hasher)]
+fn layer_sync_one_key(service: Layered) -> u64 {
+    sends(service, |_| 7)
+}
+
 #[library_benchmark]
 #[bench::fast_hasher(setup = fast_hasher)]
 fn layer_sync_new_key_foldhash(service: Layered<foldhash::fast::RandomState>) -> u64 {
@@ -196,6 +204,7 @@ library_benchmark_group!(
         raw_service_fn,
         layer_concurrent,
         layer_sync_new_key,
+        layer_sync_one_key,
         layer_sync_new_key_foldhash,
         layer_sync_live_key,
         concurrency_limit_1,
