@@ -238,7 +238,7 @@ impl Line {
 
     /// Moves `first_waiting` to the first waiting waiter at or after `index`.
     fn advance_first_waiting(&mut self, index: usize) {
-        // Nobody may wait: the granted prefix can cover the whole line.
+        // Every live waiter holds a permit: there is no first waiting one to find.
         if self.waiting() == 0 {
             return;
         }
