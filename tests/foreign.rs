@@ -15,6 +15,8 @@ use support::capture::Capture;
 use tokio_test::{assert_pending, assert_ready_ok, task};
 use tower::{Layer, Service, service_fn};
 use tower_sync_engine::{Mode, SyncEngineLayer};
+#[cfg(feature = "tracing")]
+use tracing::instrument::WithSubscriber;
 
 /// A key whose `Drop` panics when `explosive` is set. Equal and hashed by `id` only.
 #[derive(Debug)]
@@ -81,9 +83,19 @@ fn recording(
     })
 }
 
+/// Listens for the layer's events on this thread. Every test of this binary does so
+/// before it touches a layer: `tracing` caches a callsite's interest for the whole
+/// process, and a callsite first reached on a thread without a subscriber, while another
+/// test's subscriber is the only one alive, is cached as "never", so that the tests that
+/// rely on events would miss them.
+fn listen() -> tracing::subscriber::DefaultGuard {
+    tracing::subscriber::set_default(Capture::default())
+}
+
 #[test]
 fn a_key_whose_drop_panics_in_call_does_not_wedge_its_key() {
     support::quiet_handler_panics();
+    let _events = listen();
     for permits in [1, 2] {
         let starts = Starts::default();
         let layer = SyncEngineLayer::new(by_explosive_key).permits_per_key(permits);
@@ -126,6 +138,7 @@ fn a_key_whose_drop_panics_in_call_does_not_wedge_its_key() {
 #[test]
 fn a_rejected_request_whose_key_drop_panics_leaves_nothing_behind() {
     support::quiet_handler_panics();
+    let _events = listen();
     let starts = Starts::default();
     let layer = SyncEngineLayer::new(by_explosive_key).max_queue_per_key(0);
     let mut service = layer.layer(recording(&starts));
@@ -218,14 +231,10 @@ async fn a_subscriber_that_panics_on_admitted_leaves_the_shard_whole() {
     let others: Vec<_> = (10..14).map(|seq| service.call(request(2, seq))).collect();
     let behind = service.call(request(1, 2));
 
+    // Each task carries the subscriber into every poll, on whichever worker polls it: a
+    // default set once inside the task would stay with the thread of its first poll.
     let dispatch = tracing::dispatcher::get_default(Clone::clone);
-    let spawn = |future| {
-        let dispatch = dispatch.clone();
-        tokio::spawn(async move {
-            let _guard = tracing::dispatcher::set_default(&dispatch);
-            future.await
-        })
-    };
+    let spawn = |future| tokio::spawn(WithSubscriber::with_subscriber(future, dispatch.clone()));
     let doomed = spawn(doomed);
     let holder = spawn(holder);
     let others: Vec<_> = others.into_iter().map(spawn).collect();
@@ -295,6 +304,7 @@ mod cloning_waker {
 
 #[test]
 fn a_waker_is_cloned_outside_the_shard_lock() {
+    let _events = listen();
     let (done, finished) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let starts = Starts::default();
@@ -329,6 +339,7 @@ fn a_waker_is_cloned_outside_the_shard_lock() {
 
 #[tokio::test]
 async fn a_waiter_polled_again_with_the_same_waker_clones_nothing() {
+    let _events = listen();
     let starts = Starts::default();
     let layer = SyncEngineLayer::new(plain);
     let mut service = layer.layer(recording(&starts));
