@@ -121,6 +121,8 @@ where
                     match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
                         Poll::Ready(Ok(())) => {
                             let future = inner.call(request);
+                            // `future` is declared after `claim`, so that if the start
+                            // notice's wake panics, unwinding drops the future first.
                             claim.started();
                             Turn::Running {
                                 future,
@@ -257,17 +259,22 @@ where
                     }
                     let request = request.take().expect(POLLED_AFTER_COMPLETION);
                     let future = service.call(request);
-                    let next = match claim.take() {
-                        Some(mut claim) => {
-                            claim.started();
-                            Turn::Running {
-                                future,
-                                claim: Some(claim),
-                            }
-                        }
-                        None => Turn::Passing { future },
+                    let Some(claim) = claim.take() else {
+                        self.set(Turn::Passing { future });
+                        continue;
                     };
-                    self.set(next);
+                    self.set(Turn::Running {
+                        future,
+                        claim: Some(claim),
+                    });
+                    // Told once the state owns both: if the notice's wake panics, the
+                    // inner future is still dropped before the claim, by the state.
+                    if let TurnProj::Running {
+                        claim: Some(claim), ..
+                    } = self.as_mut().project()
+                    {
+                        claim.started();
+                    }
                 }
                 TurnProj::Running { .. } => return self.poll(cx),
                 TurnProj::Rejected { overloaded } => {

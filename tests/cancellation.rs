@@ -365,3 +365,111 @@ fn the_inner_future_is_gone_before_the_next_request_starts() {
         );
     }
 }
+
+/// A waker that panics when woken.
+struct PanicsOnWake;
+
+impl std::task::Wake for PanicsOnWake {
+    fn wake(self: std::sync::Arc<Self>) {
+        panic!("injected: a waker panicked on wake");
+    }
+}
+
+/// With several permits, a request that starts after waiting for readiness tells the
+/// shard, which wakes the next granted waiter. If that wake panics, the request's inner
+/// future is dropped while the request still holds its permit: the key passes on only
+/// once the inner future is gone.
+#[test]
+fn a_panicking_start_notice_drops_the_inner_future_before_the_key_passes_on() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
+    use tower_sync_engine::Stats;
+
+    type StatsOf = Arc<dyn Fn() -> Stats + Send + Sync>;
+
+    /// Not ready until `ready` is set; its futures never complete and record the layer's
+    /// counts when they are dropped.
+    #[derive(Clone)]
+    struct Gate {
+        ready: Arc<AtomicBool>,
+        stats: StatsOf,
+        seen_at_drop: Arc<Mutex<Vec<Stats>>>,
+    }
+
+    struct Never(Gate);
+
+    impl std::future::Future for Never {
+        type Output = Result<(), tower::BoxError>;
+        fn poll(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+            Poll::Pending
+        }
+    }
+
+    impl Drop for Never {
+        fn drop(&mut self) {
+            let seen = (self.0.stats)();
+            self.0.seen_at_drop.lock().unwrap().push(seen);
+        }
+    }
+
+    impl Service<u64> for Gate {
+        type Response = ();
+        type Error = tower::BoxError;
+        type Future = Never;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            if self.ready.load(Ordering::SeqCst) {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+        fn call(&mut self, _: u64) -> Never {
+            Never(self.clone())
+        }
+    }
+
+    support::quiet_handler_panics();
+    let layer = SyncEngineLayer::new(|_: &u64| Mode::Sync(1u64)).permits_per_key(2);
+    let observer = layer.clone();
+    let gate = Gate {
+        ready: Arc::default(),
+        stats: Arc::new(move || observer.stats()),
+        seen_at_drop: Arc::default(),
+    };
+    let mut service = layer.layer(gate.clone());
+    let mut noop = Context::from_waker(Waker::noop());
+    // 0 holds a permit but cannot start (not ready); 1 holds the other permit and waits
+    // for 0 to start; 2 waits for a permit.
+    let mut first = Box::pin(service.call(0));
+    let mut second = Box::pin(service.call(1));
+    let mut third = Box::pin(service.call(2));
+    let panicking = Waker::from(Arc::new(PanicsOnWake));
+    assert!(
+        second
+            .as_mut()
+            .poll(&mut Context::from_waker(&panicking))
+            .is_pending()
+    );
+    assert!(third.as_mut().poll(&mut noop).is_pending());
+    assert_eq!((layer.stats().in_flight, layer.stats().queued), (2, 1));
+
+    // 0 calls the inner service; its start notice wakes 1, and that wake panics.
+    gate.ready.store(true, Ordering::SeqCst);
+    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        first.as_mut().poll(&mut noop)
+    }));
+    assert!(
+        polled.is_err(),
+        "the start notice did not wake the next waiter"
+    );
+    drop(first);
+    let seen = gate.seen_at_drop.lock().unwrap()[0];
+    assert_eq!(
+        (seen.in_flight, seen.queued),
+        (2, 1),
+        "the key passed on before the inner future was gone"
+    );
+    drop((second, third));
+    assert!(layer.stats().is_idle(), "{:?}", layer.stats());
+}

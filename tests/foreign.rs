@@ -83,19 +83,10 @@ fn recording(
     })
 }
 
-/// Listens for the layer's events on this thread. Every test of this binary does so
-/// before it touches a layer: `tracing` caches a callsite's interest for the whole
-/// process, and a callsite first reached on a thread without a subscriber, while another
-/// test's subscriber is the only one alive, is cached as "never", so that the tests that
-/// rely on events would miss them.
-fn listen() -> tracing::subscriber::DefaultGuard {
-    tracing::subscriber::set_default(Capture::default())
-}
-
 #[test]
 fn a_key_whose_drop_panics_in_call_does_not_wedge_its_key() {
     support::quiet_handler_panics();
-    let _events = listen();
+    let _events = support::capture::listen();
     for permits in [1, 2] {
         let starts = Starts::default();
         let layer = SyncEngineLayer::new(by_explosive_key).permits_per_key(permits);
@@ -138,7 +129,7 @@ fn a_key_whose_drop_panics_in_call_does_not_wedge_its_key() {
 #[test]
 fn a_rejected_request_whose_key_drop_panics_leaves_nothing_behind() {
     support::quiet_handler_panics();
-    let _events = listen();
+    let _events = support::capture::listen();
     let starts = Starts::default();
     let layer = SyncEngineLayer::new(by_explosive_key).max_queue_per_key(0);
     let mut service = layer.layer(recording(&starts));
@@ -304,7 +295,7 @@ mod cloning_waker {
 
 #[test]
 fn a_waker_is_cloned_outside_the_shard_lock() {
-    let _events = listen();
+    let _events = support::capture::listen();
     let (done, finished) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let starts = Starts::default();
@@ -339,7 +330,7 @@ fn a_waker_is_cloned_outside_the_shard_lock() {
 
 #[tokio::test]
 async fn a_waiter_polled_again_with_the_same_waker_clones_nothing() {
-    let _events = listen();
+    let _events = support::capture::listen();
     let starts = Starts::default();
     let layer = SyncEngineLayer::new(plain);
     let mut service = layer.layer(recording(&starts));

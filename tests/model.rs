@@ -304,3 +304,28 @@ fn regression_grant_moves_past_a_dropped_granted_waiter() {
     ];
     run(2, ops).unwrap();
 }
+
+/// One key, many calls and drops, few completions: long lines with holes in the middle,
+/// so that lines are compacted while requests still wait and waiters are found by the
+/// out-of-line binary search, with every step checked against the model.
+fn long_line_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => Just(Op::Call { key: 0 }),
+        1 => Just(Op::Call { key: 1 }),
+        2 => any::<usize>().prop_map(Op::Poll),
+        5 => any::<usize>().prop_map(Op::Drop),
+        1 => any::<usize>().prop_map(Op::Complete),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn long_lines_with_holes_match_the_reference_model(
+        permits in 1usize..=3,
+        ops in prop::collection::vec(long_line_op(), 150..400),
+    ) {
+        run(permits, ops)?;
+    }
+}

@@ -106,3 +106,12 @@ impl Subscriber for Capture {
 pub fn event(message: &str, field: &'static str, value: u64) -> (String, &'static str, u64) {
     (message.to_owned(), field, value)
 }
+
+/// Listens for the layer's events on this thread. Every test of a binary that relies on
+/// events calls this (or sets a subscriber of its own) before it touches a layer:
+/// `tracing` caches a callsite's interest for the whole process, and a callsite first
+/// reached on a thread without a subscriber, while another test's subscriber is the only
+/// one alive, is cached as "never", so that the tests that rely on events would miss them.
+pub fn listen() -> tracing::subscriber::DefaultGuard {
+    tracing::subscriber::set_default(Capture::default())
+}
