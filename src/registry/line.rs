@@ -154,15 +154,22 @@ impl Line {
         fresh: &mut Option<Waker>,
         current: &Waker,
     ) -> Polled {
-        let index = self.index_of(ticket);
-        let waiter = &mut self.waiters[index];
-        if index == 0 && waiter.status == Status::Granted && !head_unstarted {
+        // A waiter whose turn has come is the front one (invariant 2 and the prefix of
+        // granted waiters), so it is checked first, without looking the ticket up.
+        let its_turn = !head_unstarted
+            && self
+                .waiters
+                .front()
+                .is_some_and(|front| front.ticket == ticket && front.status == Status::Granted);
+        if its_turn {
             let waiter = self.waiters.pop_front().expect("the front waiter exists");
             self.live -= 1;
             self.granted -= 1;
             self.tidy();
             return Polled::Turn(waiter.waker, waiter.since);
         }
+        let index = self.index_of(ticket);
+        let waiter = &mut self.waiters[index];
         match &waiter.waker {
             Some(stored) if stored.will_wake(current) => Polled::Wait(None),
             _ => match fresh.take() {
