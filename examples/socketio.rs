@@ -69,7 +69,6 @@
 //! against a signal set by `socket.on_disconnect`: dropping a response future leaves the
 //! line at once.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -85,12 +84,10 @@ use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service, service_fn};
 use tower_sync_engine::{Mode, Stats, SyncEngine, SyncEngineLayer};
 
-/// How the server orders a socket's events.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServerMode {
-    Sync,
-    Concurrent,
-}
+#[path = "common/server_args.rs"]
+mod server_args;
+
+pub use server_args::ServerMode;
 
 /// How many events a socket may have waiting; more are answered with `error`.
 pub const MAX_QUEUED_PER_SOCKET: usize = 1024;
@@ -288,40 +285,9 @@ pub fn app(ordering: ServerMode) -> (Router, Server) {
     (Router::new().layer(socketio), server)
 }
 
-fn parse_args() -> Result<(SocketAddr, ServerMode), String> {
-    let mut addr: SocketAddr = "127.0.0.1:3000".parse().expect("valid default address");
-    let mut ordering = ServerMode::Sync;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let value = args.next().ok_or_else(|| format!("{arg} needs a value"))?;
-        match arg.as_str() {
-            "--addr" => {
-                addr = value
-                    .parse()
-                    .map_err(|error| format!("--addr {value}: {error}"))?
-            }
-            "--mode" => {
-                ordering = match value.as_str() {
-                    "sync" => ServerMode::Sync,
-                    "concurrent" => ServerMode::Concurrent,
-                    other => return Err(format!("--mode must be sync or concurrent, got {other}")),
-                }
-            }
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    Ok((addr, ordering))
-}
-
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let (addr, ordering) = match parse_args() {
-        Ok(parsed) => parsed,
-        Err(message) => {
-            eprintln!("{message}\nusage: socketio [--addr HOST:PORT] [--mode sync|concurrent]");
-            std::process::exit(2);
-        }
-    };
+    let (addr, ordering) = server_args::parse_or_exit("socketio");
     let listener = TcpListener::bind(addr).await?;
     println!("listening on {}", listener.local_addr()?);
     let (app, _server) = app(ordering);

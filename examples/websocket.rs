@@ -14,7 +14,6 @@
 //! completion order. Connections never wait for each other. A bad frame gets an
 //! `{"error": ...}` reply and the connection stays open.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -32,12 +31,10 @@ use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 use tower_sync_engine::{Mode, SyncEngineLayer};
 
-/// How the server orders a connection's messages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServerMode {
-    Sync,
-    Concurrent,
-}
+#[path = "common/server_args.rs"]
+mod server_args;
+
+pub use server_args::ServerMode;
 
 /// A client frame.
 #[derive(Debug, Deserialize)]
@@ -155,40 +152,9 @@ async fn connection_loop(socket: WebSocket, connection: u64, mut events: EventSe
     let _ = writer.await;
 }
 
-fn parse_args() -> Result<(SocketAddr, ServerMode), String> {
-    let mut addr: SocketAddr = "127.0.0.1:3000".parse().expect("valid default address");
-    let mut ordering = ServerMode::Sync;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let value = args.next().ok_or_else(|| format!("{arg} needs a value"))?;
-        match arg.as_str() {
-            "--addr" => {
-                addr = value
-                    .parse()
-                    .map_err(|error| format!("--addr {value}: {error}"))?
-            }
-            "--mode" => {
-                ordering = match value.as_str() {
-                    "sync" => ServerMode::Sync,
-                    "concurrent" => ServerMode::Concurrent,
-                    other => return Err(format!("--mode must be sync or concurrent, got {other}")),
-                }
-            }
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    Ok((addr, ordering))
-}
-
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let (addr, ordering) = match parse_args() {
-        Ok(parsed) => parsed,
-        Err(message) => {
-            eprintln!("{message}\nusage: websocket [--addr HOST:PORT] [--mode sync|concurrent]");
-            std::process::exit(2);
-        }
-    };
+    let (addr, ordering) = server_args::parse_or_exit("websocket");
     let listener = TcpListener::bind(addr).await?;
     println!("listening on {}", listener.local_addr()?);
     serve(listener, ordering).await?;
