@@ -101,6 +101,22 @@ pub struct SocketEvent {
     ack: AckSender,
 }
 
+impl SocketEvent {
+    fn new(
+        socket: &SocketRef,
+        name: &str,
+        data: Result<Value, socketioxide::ParserError>,
+        ack: AckSender,
+    ) -> Self {
+        SocketEvent {
+            socket: socket.clone(),
+            name: name.to_owned(),
+            data: data.map_err(|error| error.to_string()),
+            ack,
+        }
+    }
+}
+
 /// `work`'s payload.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -219,12 +235,7 @@ pub fn on_event(socket: &SocketRef, events: Events) {
               Event(name): Event,
               TryData(data): TryData<Value>,
               ack: AckSender| {
-            let event = SocketEvent {
-                socket: socket.clone(),
-                name: name.clone(),
-                data: data.map_err(|error| error.to_string()),
-                ack,
-            };
+            let event = SocketEvent::new(&socket, &name, data, ack);
             // `SyncEngine::poll_ready` is always ready, so the service is called at once.
             let response = events.clone().call(event);
             // Spawned by socketioxide: waits for the event's turn and runs the handler.
@@ -248,12 +259,7 @@ pub fn on_event_called_late(socket: &SocketRef, events: Events) {
                     Event(name): Event,
                     TryData(data): TryData<Value>,
                     ack: AckSender| {
-            let event = SocketEvent {
-                socket: socket.clone(),
-                name: name.clone(),
-                data: data.map_err(|error| error.to_string()),
-                ack,
-            };
+            let event = SocketEvent::new(&socket, &name, data, ack);
             if let Err(error) = events.clone().call(event).await {
                 send_error(&socket, &name, error.to_string());
             }

@@ -99,6 +99,15 @@ fn session_layer() -> HttpSyncEngineLayer<ByHeader, HeaderValue> {
     SyncEngineLayer::new(by_header(SESSION)).for_http()
 }
 
+/// The routes behind a fresh session layer: the app, its layer (for `stats()`), and
+/// what its handlers share.
+fn session_app() -> (Router, HttpSyncEngineLayer<ByHeader, HeaderValue>, Shared) {
+    let shared = Shared::default();
+    let layer = session_layer();
+    let app = routes().layer(layer.clone()).with_state(shared.clone());
+    (app, layer, shared)
+}
+
 fn request(method: Method, path: &str, session: Option<&str>) -> Request<Body> {
     let mut request = Request::builder().method(method).uri(path);
     if let Some(session) = session {
@@ -227,10 +236,8 @@ async fn overload_is_a_503_with_an_empty_body_and_the_reason_in_the_extensions()
 
 #[tokio::test(start_paused = true)]
 async fn the_next_request_of_a_session_starts_only_after_the_previous_body_ended() {
-    let shared = Shared::default();
+    let (app, layer, shared) = session_app();
     let lines = shared.next_report_streams();
-    let layer = session_layer();
-    let app = routes().layer(layer.clone()).with_state(shared.clone());
 
     let mut body = send(&app, report(Some("alice"))).await.into_body();
     let edit = spawn_send(&app, edit_request(Some("alice"), "next"));
@@ -258,10 +265,8 @@ async fn the_next_request_of_a_session_starts_only_after_the_previous_body_ended
 
 #[tokio::test(start_paused = true)]
 async fn dropping_the_body_mid_stream_releases_the_session_at_once() {
-    let shared = Shared::default();
+    let (app, layer, shared) = session_app();
     let lines = shared.next_report_streams();
-    let layer = session_layer();
-    let app = routes().layer(layer.clone()).with_state(shared.clone());
 
     let mut body = send(&app, report(Some("alice"))).await.into_body();
     let edit = spawn_send(&app, edit_request(Some("alice"), "next"));
@@ -283,9 +288,7 @@ async fn dropping_the_body_mid_stream_releases_the_session_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_body_at_its_end_releases_at_once_without_being_polled() {
-    let shared = Shared::default();
-    let layer = session_layer();
-    let app = routes().layer(layer.clone()).with_state(shared.clone());
+    let (app, layer, _shared) = session_app();
 
     // 204, an empty body, and a HEAD response: none of them is ever polled here.
     let no_content = send(&app, request(Method::POST, "/empty", Some("s"))).await;
@@ -306,10 +309,8 @@ async fn a_body_at_its_end_releases_at_once_without_being_polled() {
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_bodies_hold_nothing() {
-    let shared = Shared::default();
+    let (app, layer, shared) = session_app();
     let lines = shared.next_report_streams();
-    let layer = session_layer();
-    let app = routes().layer(layer.clone()).with_state(shared.clone());
 
     let mut body = send(&app, report(None)).await.into_body();
     assert!(layer.stats().is_idle());
@@ -325,10 +326,8 @@ async fn concurrent_bodies_hold_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn other_sessions_never_wait_for_a_body() {
-    let shared = Shared::default();
+    let (app, layer, shared) = session_app();
     let lines = shared.next_report_streams();
-    let layer = session_layer();
-    let app = routes().layer(layer.clone()).with_state(shared.clone());
 
     let body = send(&app, report(Some("alice"))).await.into_body();
     for bob in 0..3 {
