@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::error::BoxError;
-use crate::turn::{Ended, Turn};
+use crate::turn::{Ended, Turn, TurnOf};
 
 pin_project! {
     /// Response future of [`SyncEngine`](crate::SyncEngine).
@@ -83,14 +83,10 @@ where
     }
 }
 
-/// The turn of a plain request.
-type PlainTurn<S, Req, K> =
-    Turn<S, Req, <S as Service<Req>>::Future, <S as Service<Req>>::Error, K>;
-
 /// Every state but a pass-through, out of line (see [`Turn::poll_passing`]).
 #[inline(never)]
 fn poll_to_end<S, Req, K>(
-    turn: Pin<&mut PlainTurn<S, Req, K>>,
+    turn: Pin<&mut TurnOf<S, Req, K>>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<S::Response, BoxError>>
 where

@@ -10,11 +10,12 @@ use tower_service::Service;
 
 use crate::error::BoxError;
 use crate::future::ResponseFuture;
+use crate::mode::Mode;
 use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::stats::Stats;
 use crate::sync::Arc;
-use crate::turn::Turn;
+use crate::turn::{Turn, TurnOf};
 
 /// Runs `Mode::Sync` requests with the same key one at a time (or `permits_per_key` at a
 /// time), in the order of `call()`; passes `Mode::Concurrent` requests straight through.
@@ -137,22 +138,49 @@ where
     /// at once to [`Overloaded`](crate::error::Overloaded).
     #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
-        ResponseFuture::new(self.start(request))
+        self.start(request, ResponseFuture::new)
     }
 }
 
 impl<S, P, K, H> SyncEngine<S, P, K, H> {
     /// Classifies `request` and takes its place: the first step of `call()`, shared with
-    /// the HTTP flavour, whose services wrap this one.
+    /// the HTTP flavour, whose services wrap this one. `wrap` builds the flavour's
+    /// response future around the request's turn.
+    ///
+    /// The `Mode::Sync` step runs out of line, so that a `Mode::Concurrent` request pays
+    /// for its own small stack frame and stores only, not for the registers and stores
+    /// of the `Sync` path that the compiler would otherwise merge with its own.
     #[inline(always)]
-    pub(crate) fn start<Req>(&mut self, request: Req) -> Turn<S, Req, S::Future, S::Error, K>
+    pub(crate) fn start<Req, T>(
+        &mut self,
+        request: Req,
+        wrap: impl FnOnce(TurnOf<S, Req, K>) -> T,
+    ) -> T
     where
         S: Service<Req> + Clone,
         P: Policy<Req, Key = K>,
         K: Hash + Eq,
         H: BuildHasher,
     {
-        Turn::start(&mut self.inner, &self.policy, &self.registry, request)
+        match self.policy.classify(&request) {
+            Mode::Concurrent => wrap(Turn::concurrent(&mut self.inner, request)),
+            Mode::Sync(key) => self.start_sync(key, request, wrap),
+        }
+    }
+
+    #[inline(never)]
+    fn start_sync<Req, T>(
+        &mut self,
+        key: K,
+        request: Req,
+        wrap: impl FnOnce(TurnOf<S, Req, K>) -> T,
+    ) -> T
+    where
+        S: Service<Req> + Clone,
+        K: Hash + Eq,
+        H: BuildHasher,
+    {
+        Turn::sync(&mut self.inner, &self.registry, key, request, wrap)
     }
 }
 

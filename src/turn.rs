@@ -1,8 +1,8 @@
 //! A request's way through the layer, shared by the response futures of every flavour.
 //!
-//! [`Turn::start`] runs inside `call()`: it classifies the request and, for
-//! `Mode::Sync(key)`, takes the request's place in its key's line. The turn is then
-//! driven by the response future:
+//! [`Turn::concurrent`] and [`Turn::sync`] run inside `call()`, once the policy has
+//! classified the request; the second takes the request's place in its key's line. The
+//! turn is then driven by the response future:
 //!
 //! 1. wait for the claim's turn on the key (a `Mode::Sync` request only);
 //! 2. drive its own handle on the inner service to readiness;
@@ -27,15 +27,14 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::error::Overloaded;
-use crate::mode::Mode;
-use crate::policy::Policy;
-use crate::registry::{Claim, Registry};
+use crate::registry::{Admitted, Claim, Queued, Registry};
 
 const POLLED_AFTER_COMPLETION: &str = "ResponseFuture polled after completion";
 
 pin_project! {
     /// The state of one request; see the module docs.
     #[project = TurnProj]
+    #[project_replace = TurnProjReplace]
     pub(crate) enum Turn<S, Req, F, E, K> {
         // A Concurrent request: nothing but the inner future. It becomes `Done` when
         // the inner future completes.
@@ -57,6 +56,10 @@ pin_project! {
         Failed { error: Option<E>, claim: Option<Claim<K>> },
     }
 }
+
+/// The turn of a request to the inner service `S`.
+pub(crate) type TurnOf<S, Req, K> =
+    Turn<S, Req, <S as Service<Req>>::Future, <S as Service<Req>>::Error, K>;
 
 /// How a turn ended, for a caller that has no use for the claim.
 #[derive(Debug)]
@@ -81,73 +84,120 @@ impl<S, Req, E, K> Turn<S, Req, S::Future, E, K>
 where
     S: Service<Req, Error = E> + Clone,
 {
-    /// Classifies `request` and takes its place, inside `call()`.
-    #[inline]
-    pub(crate) fn start<P, H>(
+    /// Starts a `Mode::Concurrent` request, inside `call()`.
+    #[inline(always)]
+    pub(crate) fn concurrent(inner: &mut S, request: Req) -> Self {
+        // Asking without a waker is enough to learn whether the service is ready, which
+        // most are; one that is not is asked again by the response future, with the
+        // task's own waker.
+        match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => Turn::Passing {
+                future: inner.call(request),
+            },
+            Poll::Ready(Err(error)) => Turn::Failed {
+                error: Some(error),
+                claim: None,
+            },
+            Poll::Pending => Turn::Waiting {
+                service: take_ready_handle(inner),
+                request: Some(request),
+                claim: None,
+            },
+        }
+    }
+
+    /// Takes the place of a `Mode::Sync` request, inside `call()`, and calls the inner
+    /// service at once when the key is free. `wrap` builds the response future around
+    /// the turn.
+    ///
+    /// The common case is handled here: the claim is the head, one request per key may
+    /// run, and the inner service is ready. The others go to functions of their own that
+    /// take the claim by value. A claim that is still a local value when a call may
+    /// unwind has to stay in memory, for the unwinding path to drop it, and is then
+    /// copied into the turn; kept clear of such calls (with an inner service whose
+    /// `poll_ready` and `call` are inlined and cannot unwind), it goes from registers
+    /// straight into the response future. That is also why the response future is built
+    /// here, in each arm, and not around this function's result.
+    #[inline(always)]
+    pub(crate) fn sync<H, T>(
         inner: &mut S,
-        policy: &P,
         registry: &Registry<K, H>,
+        key: K,
         request: Req,
-    ) -> Self
+        wrap: impl FnOnce(Self) -> T,
+    ) -> T
     where
-        P: Policy<Req, Key = K>,
         K: Hash + Eq,
         H: BuildHasher,
     {
-        match policy.classify(&request) {
-            Mode::Concurrent => {
-                // Asking without a waker is enough to learn whether the service is ready,
-                // which most are; one that is not is asked again by the response future,
-                // with the task's own waker.
-                match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
-                    Poll::Ready(Ok(())) => Turn::Passing {
-                        future: inner.call(request),
-                    },
-                    Poll::Ready(Err(error)) => Turn::Failed {
-                        error: Some(error),
-                        claim: None,
-                    },
-                    Poll::Pending => Turn::Waiting {
-                        service: take_ready_handle(inner),
-                        request: Some(request),
-                        claim: None,
-                    },
+        let Admitted {
+            claim,
+            queued,
+            spare_key,
+        } = match registry.claim(key) {
+            Ok(admitted) => admitted,
+            Err(overloaded) => return wrap(Turn::Rejected { overloaded }),
+        };
+        let turn = if queued.is_some() {
+            wrap(Self::wait(inner, request, claim, queued))
+        } else if claim.notifies_start() {
+            wrap(Self::start_notifying(inner, request, claim))
+        } else {
+            // The key was free: the turn has come already, and a ready inner service is
+            // called at once, as for a Concurrent request.
+            match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
+                Poll::Ready(Ok(())) => wrap(Turn::Running {
+                    future: inner.call(request),
+                    claim: Some(claim),
+                }),
+                Poll::Ready(Err(error)) => wrap(Turn::Failed {
+                    error: Some(error),
+                    claim: Some(claim),
+                }),
+                Poll::Pending => wrap(Self::wait(inner, request, claim, None)),
+            }
+        };
+        // A key's `Drop` is foreign code, so it runs once the claim is in the turn, and
+        // while the turn is a local: a value being returned is not dropped if a drop
+        // panics on the way out (rust-lang/rust#47949), and would keep its claim.
+        drop(spare_key);
+        turn
+    }
+
+    /// The key was free and more than one request per key may run: the requests in line
+    /// wait for this one to start, so the shard is told once the inner service is called.
+    #[inline(never)]
+    fn start_notifying(inner: &mut S, request: Req, mut claim: Claim<K>) -> Self {
+        match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => {
+                // Dropped before `claim`, a parameter, if the start notice's wake panics.
+                let future = inner.call(request);
+                claim.started();
+                Turn::Running {
+                    future,
+                    claim: Some(claim),
                 }
             }
-            Mode::Sync(key) => match registry.claim(key) {
-                // The key was free: the turn has come already, and a ready inner service
-                // is called at once, as for a Concurrent request.
-                Ok(mut claim) if claim.is_head() => {
-                    match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
-                        Poll::Ready(Ok(())) => {
-                            let future = inner.call(request);
-                            // `future` is declared after `claim`, so that if the start
-                            // notice's wake panics, unwinding drops the future first.
-                            claim.started();
-                            Turn::Running {
-                                future,
-                                claim: Some(claim),
-                            }
-                        }
-                        Poll::Ready(Err(error)) => Turn::Failed {
-                            error: Some(error),
-                            claim: Some(claim),
-                        },
-                        Poll::Pending => Turn::Waiting {
-                            service: take_ready_handle(inner),
-                            request: Some(request),
-                            claim: Some(claim),
-                        },
-                    }
-                }
-                Ok(claim) => Turn::Waiting {
-                    service: take_ready_handle(inner),
-                    request: Some(request),
-                    claim: Some(claim),
-                },
-                Err(overloaded) => Turn::Rejected { overloaded },
+            Poll::Ready(Err(error)) => Turn::Failed {
+                error: Some(error),
+                claim: Some(claim),
             },
+            Poll::Pending => Self::wait(inner, request, claim, None),
         }
+    }
+
+    /// A turn that waits for its key (`queued`) or for a ready inner service.
+    #[inline(never)]
+    fn wait(inner: &mut S, request: Req, claim: Claim<K>, queued: Option<Queued>) -> Self {
+        let turn = Turn::Waiting {
+            service: take_ready_handle(inner),
+            request: Some(request),
+            claim: Some(claim),
+        };
+        if let Some(queued) = queued {
+            queued.announce();
+        }
+        turn
     }
 }
 
@@ -203,7 +253,10 @@ where
         };
         let poll = future.poll(cx);
         if poll.is_ready() {
-            self.set(Turn::Done);
+            // Through the projection, which drops the inner future in place and writes
+            // `Done`: `set` would call the whole turn's drop glue, which the compiler
+            // keeps out of line, so every pass-through request would pay for a call.
+            self.project_replace(Turn::Done);
         }
         Some(poll)
     }

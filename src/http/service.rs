@@ -119,7 +119,7 @@ where
     /// at once to a `503` response.
     #[inline]
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture::new(self.plain.start(request))
+        self.plain.start(request, ResponseFuture::new)
     }
 }
 

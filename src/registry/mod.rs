@@ -64,7 +64,9 @@
 //!    under the lock; keys and wakers that the shard lets go of are dropped, and wakers
 //!    woken, after the lock is released ([`shard::Deferred`]), and only once the claim
 //!    that caused it records what it holds; tracing events are emitted after that too.
-//!    The one exception is `K: Eq`, which a lookup must call under the lock: it runs
+//!    A new claim comes back with the caller's key, when the shard kept an equal one,
+//!    and its `queued` event ([`Admitted`]): the caller lets go of both once the claim
+//!    is in the response future. The one exception is `K: Eq`, which a lookup must call under the lock: it runs
 //!    before anything is changed, and the lock ignores poisoning. So a panic anywhere
 //!    leaves the registry as if the request had been dropped, and a waker or key that
 //!    re-enters the layer (reading `stats()`, say) cannot deadlock it.
@@ -244,8 +246,13 @@ where
     H: BuildHasher,
 {
     /// Takes `key`'s next place in call order, or rejects the request if a limit is hit.
+    ///
+    /// What remains to do once the claim is in its final place (dropping a spare key,
+    /// announcing a queued request) comes back with it, in [`Admitted`]: both run
+    /// foreign code, and a claim that is still a local value when foreign code may
+    /// unwind has to be kept in memory and copied into place.
     #[inline]
-    pub(crate) fn claim(&self, key: K) -> Result<Claim<K>, Overloaded> {
+    pub(crate) fn claim(&self, key: K) -> Result<Admitted<K>, Overloaded> {
         let hash = spread(self.hasher.hash_one(&key));
         let since = trace::called_at();
         let shards = self.shards();
@@ -265,27 +272,51 @@ where
                 return Err(overloaded);
             }
         };
-        let (state, ticket, depth) = match place.position {
+        let (state, ticket, queued) = match place.position {
             Position::Head => (ClaimState::Holding { head: true, notify }, 0, None),
             Position::Waiting { ticket, depth } => (
                 ClaimState::Waiting { registered: false },
                 ticket,
-                Some(depth),
+                Some(Queued { depth }),
             ),
         };
-        let claim = Claim {
-            state,
-            bucket: place.bucket,
-            cell: Arc::clone(cell),
-            hash,
-            id: place.id,
-            ticket,
-        };
-        drop(spare_key);
-        if let Some(depth) = depth {
-            trace::queued(depth);
-        }
-        Ok(claim)
+        Ok(Admitted {
+            claim: Claim {
+                state,
+                bucket: place.bucket,
+                cell: Arc::clone(cell),
+                hash,
+                id: place.id,
+                ticket,
+            },
+            queued,
+            spare_key,
+        })
+    }
+}
+
+/// A claim just taken, with what is left to do once it is in place: the caller keeps
+/// `spare_key` until then (it drops with this value's last part) and announces `queued`.
+#[must_use = "a claim gives its place up when dropped"]
+pub(crate) struct Admitted<K> {
+    pub(crate) claim: Claim<K>,
+    /// Set when the claim joined its key's line.
+    pub(crate) queued: Option<Queued>,
+    /// The caller's key, when the shard kept an equal one: dropped after the claim is
+    /// in place, since its `Drop` is foreign code.
+    pub(crate) spare_key: Option<K>,
+}
+
+/// A claim that joined its key's line: the `queued` event to emit once it is in place.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Queued {
+    depth: u32,
+}
+
+impl Queued {
+    /// Emits the `queued` event.
+    pub(crate) fn announce(self) {
+        trace::queued(self.depth);
     }
 }
 
@@ -311,10 +342,17 @@ impl<K> ShardCell<K> {
 }
 
 impl<K> Claim<K> {
-    /// True when the claim may call the inner service now.
+    /// True when the shard must be told that this claim started (more than one permit
+    /// per key): the claims in line wait for it.
     #[inline]
-    pub(crate) fn is_head(&self) -> bool {
-        matches!(self.state, ClaimState::Holding { .. })
+    pub(crate) fn notifies_start(&self) -> bool {
+        matches!(
+            self.state,
+            ClaimState::Holding {
+                head: true,
+                notify: true
+            }
+        )
     }
 
     /// Resolves once this claim is the head of its key and may call the inner service.
@@ -374,8 +412,8 @@ impl<K> Claim<K> {
             notify: true,
         } = self.state
         {
-            // The shard is told through the claim's fields, not its address, so that a
-            // claim being built in `call()` can stay in registers until it is in place.
+            // The shard is told through the claim's fields, not its address, which would
+            // force a claim held in registers out to memory first.
             let (bucket, deferred) = notify_started(&self.cell, self.hash, self.id, self.bucket);
             // Recorded before the deferred wake runs any foreign code (invariant 6).
             self.bucket = bucket;
