@@ -345,3 +345,135 @@ async fn a_waiter_polled_again_with_the_same_waker_clones_nothing() {
     assert_ready_ok!(waiting.poll());
     assert!(layer.stats().is_idle());
 }
+
+// ---------------------------------------------------------------------------------------
+// The inner service panicking inside `call()`: its `poll_ready` or `call` for a request
+// whose key is free, its `clone` for a request that has to wait. The request's place is
+// taken before any of them runs, so unwinding must give it back.
+// ---------------------------------------------------------------------------------------
+
+/// Where the inner service panics, for requests whose `seq` is `PANICKING`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PanicIn {
+    PollReady,
+    Call,
+    Clone,
+}
+
+const PANICKING: u64 = 99;
+
+/// An inner service that records the requests it starts and panics where `armed` says,
+/// once, for the request `PANICKING`. `next` is the `seq` of the next request to be
+/// called, which `poll_ready` and `clone` cannot see: they panic when it is `PANICKING`.
+#[derive(Debug)]
+struct Touchy {
+    starts: Starts,
+    armed: Arc<Mutex<Option<PanicIn>>>,
+    next: Arc<Mutex<u64>>,
+}
+
+impl Touchy {
+    fn trip(&self, at: PanicIn) {
+        let mut armed = self.armed.lock().unwrap();
+        if *armed == Some(at) && *self.next.lock().unwrap() == PANICKING {
+            *armed = None;
+            drop(armed);
+            panic!("injected: the inner service's {at:?} panicked");
+        }
+    }
+}
+
+impl Clone for Touchy {
+    fn clone(&self) -> Self {
+        self.trip(PanicIn::Clone);
+        Touchy {
+            starts: self.starts.clone(),
+            armed: self.armed.clone(),
+            next: self.next.clone(),
+        }
+    }
+}
+
+impl Service<Request> for Touchy {
+    type Response = u64;
+    type Error = tower::BoxError;
+    type Future = std::future::Ready<Result<u64, tower::BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.trip(PanicIn::PollReady);
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        self.trip(PanicIn::Call);
+        self.starts.lock().unwrap().push(request.seq);
+        std::future::ready(Ok(request.seq))
+    }
+}
+
+/// Sends `PANICKING` on key 1 with the inner service armed to panic `at`, after
+/// `holders` requests that still hold the key (so that it waits when `holders` is at
+/// least the number of permits), and checks that the key ends idle and usable, in order.
+fn panicking_inner_gives_the_place_up(at: PanicIn, permits: usize, holders: u64) {
+    support::quiet_handler_panics();
+    let starts = Starts::default();
+    let next = Arc::new(Mutex::new(0));
+    let inner = Touchy {
+        starts: starts.clone(),
+        armed: Arc::new(Mutex::new(Some(at))),
+        next: next.clone(),
+    };
+    let layer = SyncEngineLayer::new(plain).permits_per_key(permits);
+    let mut service = layer.layer(inner);
+    let mut held: Vec<_> = (0..holders)
+        .map(|seq| task::spawn(service.call(request(1, seq))))
+        .collect();
+
+    *next.lock().unwrap() = PANICKING;
+    let panicked = catch_unwind(AssertUnwindSafe(|| service.call(request(1, PANICKING))));
+    *next.lock().unwrap() = 0;
+    let label = format!("{at:?} with {permits} permits behind {holders}");
+    assert!(
+        panicked.is_err(),
+        "{label}: the inner service did not panic"
+    );
+
+    for future in &mut held {
+        assert_ready_ok!(future.poll(), "{label}");
+    }
+    drop(held);
+    assert!(layer.stats().is_idle(), "{label}: {:?}", layer.stats());
+    // The key still works, and only the panicking request went missing.
+    let mut after = task::spawn(service.call(request(1, 100)));
+    assert_ready_ok!(after.poll(), "{label}");
+    let mut expected: Vec<u64> = (0..holders).collect();
+    expected.push(100);
+    assert_eq!(*starts.lock().unwrap(), expected, "{label}");
+    assert!(layer.stats().is_idle(), "{label}");
+}
+
+#[test]
+fn an_inner_service_that_panics_in_poll_ready_or_call_inside_call_gives_the_key_up() {
+    let _events = support::capture::listen();
+    for at in [PanicIn::PollReady, PanicIn::Call] {
+        // The key is free: one permit, or the second of two.
+        panicking_inner_gives_the_place_up(at, 1, 0);
+        panicking_inner_gives_the_place_up(at, 2, 0);
+        panicking_inner_gives_the_place_up(at, 2, 1);
+    }
+}
+
+#[test]
+fn an_inner_service_whose_clone_panics_for_a_waiting_request_gives_its_place_up() {
+    let events = Capture::default();
+    let _events = tracing::subscriber::set_default(events.clone());
+    panicking_inner_gives_the_place_up(PanicIn::Clone, 1, 1);
+    panicking_inner_gives_the_place_up(PanicIn::Clone, 2, 2);
+    // A request that never got its place announces no wait.
+    let queued: Vec<_> = events
+        .take_summary()
+        .into_iter()
+        .filter(|(message, _, _)| message == "queued")
+        .collect();
+    assert!(queued.is_empty(), "{queued:?}");
+}
