@@ -64,6 +64,11 @@
 //!
 //! - **A handler that waits for its own key deadlocks.** A handler for key `k` that calls
 //!   the same domain with `Mode::Sync(k)` and awaits the response waits for itself.
+//! - **A key's `Eq` that calls back into its own layer deadlocks.** Looking a key up
+//!   compares it with the live keys of its shard while that shard is locked, so an `Eq`
+//!   that reads the same layer's `stats()` or calls its services waits for that lock. An
+//!   `Eq` may panic (guarantee 6); `Hash`, which runs before the lock is taken, may also
+//!   call back into the layer.
 //! - **A policy or key that panics, or a key type whose `Hash` is constant, is not made
 //!   good.** A panicking request is dropped (guarantee 6); keys that all hash alike make
 //!   every request compare its key with every live key (see

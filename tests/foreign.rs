@@ -477,3 +477,104 @@ fn an_inner_service_whose_clone_panics_for_a_waiting_request_gives_its_place_up(
         .collect();
     assert!(queued.is_empty(), "{queued:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// A key's `Eq` or `Hash`, or the policy, panicking inside `call()`.
+// ---------------------------------------------------------------------------------------
+
+/// Where a request's classification panics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Classify {
+    /// The policy itself.
+    Policy,
+    /// The key's `Hash`, which runs before the shard's lock is taken.
+    Hash,
+    /// The key's `Eq`, which runs under the shard's lock while the key is looked up.
+    Eq,
+}
+
+/// A key that panics in `Hash` or `Eq` when told to. Equal and hashed by `id`.
+#[derive(Debug)]
+struct FaultyKey {
+    id: u64,
+    fault: Option<Classify>,
+}
+
+impl PartialEq for FaultyKey {
+    fn eq(&self, other: &Self) -> bool {
+        if [self.fault, other.fault].contains(&Some(Classify::Eq)) {
+            panic!("injected: a key's eq panicked");
+        }
+        self.id == other.id
+    }
+}
+
+impl Eq for FaultyKey {}
+
+impl Hash for FaultyKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        if self.fault == Some(Classify::Hash) {
+            panic!("injected: a key's hash panicked");
+        }
+        self.id.hash(state);
+    }
+}
+
+/// A request whose classification panics where `fault` says, if anywhere.
+#[derive(Debug, Clone, Copy)]
+struct Classified {
+    key: u64,
+    seq: u64,
+    fault: Option<Classify>,
+}
+
+fn by_faulty_key(request: &Classified) -> Mode<FaultyKey> {
+    if request.fault == Some(Classify::Policy) {
+        panic!("injected: the policy panicked");
+    }
+    Mode::Sync(FaultyKey {
+        id: request.key,
+        fault: request.fault,
+    })
+}
+
+#[test]
+fn a_panicking_policy_or_key_hash_or_eq_in_call_leaves_nothing_behind() {
+    support::quiet_handler_panics();
+    let _events = support::capture::listen();
+    for permits in [1, 2] {
+        for fault in [Classify::Policy, Classify::Hash, Classify::Eq] {
+            let label = format!("{fault:?} with {permits} permits");
+            let starts = Starts::default();
+            let recorded = starts.clone();
+            let inner = service_fn(move |request: Classified| {
+                recorded.lock().unwrap().push(request.seq);
+                std::future::ready(Ok::<_, tower::BoxError>(request.seq))
+            });
+            let layer = SyncEngineLayer::new(by_faulty_key).permits_per_key(permits);
+            let mut service = layer.layer(inner);
+            let request = |seq, fault| Classified { key: 1, seq, fault };
+            // The key is live and busy: `Eq` runs, against its entry.
+            let mut futures: Vec<_> = (0..permits as u64)
+                .map(|seq| task::spawn(service.call(request(seq, None))))
+                .collect();
+            futures.push(task::spawn(service.call(request(10, None))));
+            let before = layer.stats();
+
+            let panicked =
+                catch_unwind(AssertUnwindSafe(|| service.call(request(99, Some(fault)))));
+            assert!(panicked.is_err(), "{label}: nothing panicked");
+            assert_eq!(layer.stats(), before, "{label}: the registry changed");
+
+            futures.push(task::spawn(service.call(request(11, None))));
+            for future in &mut futures {
+                while future.poll().is_pending() {}
+            }
+            drop(futures);
+            assert!(layer.stats().is_idle(), "{label}: {:?}", layer.stats());
+            let mut expected: Vec<u64> = (0..permits as u64).collect();
+            expected.extend([10, 11]);
+            assert_eq!(*starts.lock().unwrap(), expected, "{label}");
+        }
+    }
+}

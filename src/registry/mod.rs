@@ -66,10 +66,14 @@
 //!    that caused it records what it holds; tracing events are emitted after that too.
 //!    A new claim comes back with the caller's key, when the shard kept an equal one,
 //!    and its `queued` event ([`Admitted`]): the caller lets go of both once the claim
-//!    is in the response future. The one exception is `K: Eq`, which a lookup must call under the lock: it runs
-//!    before anything is changed, and the lock ignores poisoning. So a panic anywhere
-//!    leaves the registry as if the request had been dropped, and a waker or key that
-//!    re-enters the layer (reading `stats()`, say) cannot deadlock it.
+//!    is in the response future. So a panic anywhere leaves the registry as if the
+//!    request had been dropped, and a waker or key that re-enters the layer (reading
+//!    `stats()`, say) cannot deadlock it.
+//!
+//!    The one exception is `K: Eq`, which a lookup must call under the lock. It runs
+//!    before anything is changed, and the lock ignores poisoning, so it may panic; but
+//!    an `Eq` that re-enters the layer waits for the lock it runs under (the crate docs
+//!    say so under "What is not guaranteed").
 //!
 //! With one permit per key, nothing can be granted while the head holds the key, so the
 //! head skips telling the shard that it started and clears its mark when it releases.
