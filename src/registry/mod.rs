@@ -299,8 +299,8 @@ where
     }
 }
 
-/// A claim just taken, with what is left to do once it is in place: the caller keeps
-/// `spare_key` until then (it drops with this value's last part) and announces `queued`.
+/// A claim just taken, with what is left to do once the claim is in place in its
+/// response future: dropping `spare_key` and announcing `queued`.
 #[must_use = "a claim gives its place up when dropped"]
 pub(crate) struct Admitted<K> {
     pub(crate) claim: Claim<K>,
