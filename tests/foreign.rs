@@ -578,3 +578,83 @@ fn a_panicking_policy_or_key_hash_or_eq_in_call_leaves_nothing_behind() {
         }
     }
 }
+
+/// Reads the layer's stats when set: called back by `ObservingKey` and the policy below.
+type Observer = Arc<std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>>;
+
+/// A key whose `Hash` and `Drop` call back into the layer. Equal by `id`.
+struct ObservingKey {
+    id: u64,
+    observer: Observer,
+}
+
+impl PartialEq for ObservingKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for ObservingKey {}
+
+impl Hash for ObservingKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        if let Some(observe) = self.observer.get() {
+            observe();
+        }
+        self.id.hash(state);
+    }
+}
+
+impl Drop for ObservingKey {
+    fn drop(&mut self) {
+        if let Some(observe) = self.observer.get() {
+            observe();
+        }
+    }
+}
+
+#[test]
+fn a_policy_and_a_key_whose_hash_and_drop_read_stats_do_not_deadlock() {
+    let _events = support::capture::listen();
+    let (done, finished) = std::sync::mpsc::channel();
+    // On a thread of its own, so that a deadlock fails the test instead of hanging it.
+    std::thread::spawn(move || {
+        let observer = Observer::default();
+        let policy = {
+            let observer = observer.clone();
+            move |id: &u64| {
+                if let Some(observe) = observer.get() {
+                    observe();
+                }
+                Mode::Sync(ObservingKey {
+                    id: *id,
+                    observer: observer.clone(),
+                })
+            }
+        };
+        let layer = SyncEngineLayer::new(policy);
+        let reader = layer.clone();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let _ = observer.set(Box::new(move || {
+            let _ = reader.stats();
+            counted.fetch_add(1, Ordering::SeqCst);
+        }));
+        let echo = service_fn(|id: u64| std::future::ready(Ok::<_, tower::BoxError>(id)));
+        let mut service = layer.layer(echo);
+        // The first takes the key; the second finds it live, so its own copy of the key
+        // is dropped in `call()`; the key kept by the registry is dropped on release.
+        let mut first = task::spawn(service.call(1));
+        let mut second = task::spawn(service.call(1));
+        assert_ready_ok!(first.poll());
+        assert_ready_ok!(second.poll());
+        drop((first, second));
+        assert!(layer.stats().is_idle(), "{:?}", layer.stats());
+        done.send(calls.load(Ordering::SeqCst)).unwrap();
+    });
+    let calls = finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a callback into the layer deadlocked");
+    // Two policy calls, two hashes, two key drops.
+    assert!(calls >= 6, "only {calls} callbacks ran");
+}
