@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::error::BoxError;
-use crate::turn::{Ended, Turn, TurnOf};
+use crate::turn::{Ended, TurnOf};
 
 pin_project! {
     /// Response future of [`SyncEngine`](crate::SyncEngine).
@@ -53,7 +53,7 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        turn: Turn<S, Req, S::Future, S::Error, K>,
+        turn: TurnOf<S, Req, K>,
     }
 }
 
@@ -61,7 +61,7 @@ impl<S, Req, K> ResponseFuture<S, Req, K>
 where
     S: Service<Req>,
 {
-    pub(crate) fn new(turn: Turn<S, Req, S::Future, S::Error, K>) -> Self {
+    pub(crate) fn new(turn: TurnOf<S, Req, K>) -> Self {
         ResponseFuture { turn }
     }
 }
@@ -83,7 +83,8 @@ where
     }
 }
 
-/// Every state but a pass-through, out of line (see [`Turn::poll_passing`]).
+/// Every state but a pass-through, out of line (see
+/// [`Turn::poll_passing`](crate::turn::Turn::poll_passing)).
 #[inline(never)]
 fn poll_to_end<S, Req, K>(
     turn: Pin<&mut TurnOf<S, Req, K>>,

@@ -493,14 +493,27 @@ enum Classify {
     Eq,
 }
 
-/// A key that panics in `Hash` or `Eq` when told to. Equal and hashed by `id`.
-#[derive(Debug)]
-struct FaultyKey {
+/// Reads the layer's stats when set: called back by a `ProbeKey` and a policy.
+type Observer = Arc<std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>>;
+
+/// A key whose `Hash`, `Eq` and `Drop` do what a test asks: panic in `Hash` or `Eq`
+/// (`fault`), or call back into the layer from `Hash` and `Drop` (`observer`, once
+/// set). Equal and hashed by `id`.
+struct ProbeKey {
     id: u64,
     fault: Option<Classify>,
+    observer: Observer,
 }
 
-impl PartialEq for FaultyKey {
+impl ProbeKey {
+    fn observe(&self) {
+        if let Some(observe) = self.observer.get() {
+            observe();
+        }
+    }
+}
+
+impl PartialEq for ProbeKey {
     fn eq(&self, other: &Self) -> bool {
         if [self.fault, other.fault].contains(&Some(Classify::Eq)) {
             panic!("injected: a key's eq panicked");
@@ -509,14 +522,21 @@ impl PartialEq for FaultyKey {
     }
 }
 
-impl Eq for FaultyKey {}
+impl Eq for ProbeKey {}
 
-impl Hash for FaultyKey {
+impl Hash for ProbeKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         if self.fault == Some(Classify::Hash) {
             panic!("injected: a key's hash panicked");
         }
+        self.observe();
         self.id.hash(state);
+    }
+}
+
+impl Drop for ProbeKey {
+    fn drop(&mut self) {
+        self.observe();
     }
 }
 
@@ -528,13 +548,14 @@ struct Classified {
     fault: Option<Classify>,
 }
 
-fn by_faulty_key(request: &Classified) -> Mode<FaultyKey> {
+fn by_faulty_key(request: &Classified) -> Mode<ProbeKey> {
     if request.fault == Some(Classify::Policy) {
         panic!("injected: the policy panicked");
     }
-    Mode::Sync(FaultyKey {
+    Mode::Sync(ProbeKey {
         id: request.key,
         fault: request.fault,
+        observer: Observer::default(),
     })
 }
 
@@ -579,40 +600,6 @@ fn a_panicking_policy_or_key_hash_or_eq_in_call_leaves_nothing_behind() {
     }
 }
 
-/// Reads the layer's stats when set: called back by `ObservingKey` and the policy below.
-type Observer = Arc<std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>>;
-
-/// A key whose `Hash` and `Drop` call back into the layer. Equal by `id`.
-struct ObservingKey {
-    id: u64,
-    observer: Observer,
-}
-
-impl PartialEq for ObservingKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
-    }
-}
-
-impl Eq for ObservingKey {}
-
-impl Hash for ObservingKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        if let Some(observe) = self.observer.get() {
-            observe();
-        }
-        self.id.hash(state);
-    }
-}
-
-impl Drop for ObservingKey {
-    fn drop(&mut self) {
-        if let Some(observe) = self.observer.get() {
-            observe();
-        }
-    }
-}
-
 #[test]
 fn a_policy_and_a_key_whose_hash_and_drop_read_stats_do_not_deadlock() {
     let _events = support::capture::listen();
@@ -626,8 +613,9 @@ fn a_policy_and_a_key_whose_hash_and_drop_read_stats_do_not_deadlock() {
                 if let Some(observe) = observer.get() {
                     observe();
                 }
-                Mode::Sync(ObservingKey {
+                Mode::Sync(ProbeKey {
                     id: *id,
+                    fault: None,
                     observer: observer.clone(),
                 })
             }
