@@ -47,13 +47,17 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     ///
     /// ```
     /// use axum::body::Body;
-    /// use axum::http::Request;
+    /// use axum::http::{HeaderValue, Request};
     /// use tower::{BoxError, ServiceBuilder, service_fn};
     /// use tower_sync_engine::{Mode, ServiceBuilderExt};
     ///
     /// let service = ServiceBuilder::new()
+    ///     // A copy of the header, not a clone, which would keep the request's buffer alive.
     ///     .sync_engine(|req: &Request<Body>| match req.headers().get("x-session-id") {
-    ///         Some(session) => Mode::Sync(session.clone()),
+    ///         Some(session) => match HeaderValue::from_bytes(session.as_bytes()) {
+    ///             Ok(session) => Mode::Sync(session),
+    ///             Err(_) => Mode::Concurrent,
+    ///         },
     ///         None => Mode::Concurrent,
     ///     })
     ///     .service(service_fn(|_req: Request<Body>| async { Ok::<_, BoxError>("done") }));
@@ -65,12 +69,15 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     ///
     /// ```compile_fail,E0282
     /// # use axum::body::Body;
-    /// # use axum::http::Request;
+    /// # use axum::http::{HeaderValue, Request};
     /// # use tower::{BoxError, ServiceBuilder, service_fn};
     /// # use tower_sync_engine::{Mode, ServiceBuilderExt};
     /// let service = ServiceBuilder::new()
     ///     .sync_engine(|req| match req.headers().get("x-session-id") {
-    ///         Some(session) => Mode::Sync(session.clone()),
+    ///         Some(session) => match HeaderValue::from_bytes(session.as_bytes()) {
+    ///             Ok(session) => Mode::Sync(session),
+    ///             Err(_) => Mode::Concurrent,
+    ///         },
     ///         None => Mode::Concurrent,
     ///     })
     ///     .service(service_fn(|_req: Request<Body>| async { Ok::<_, BoxError>("done") }));

@@ -17,17 +17,26 @@
 ///
 /// `K` is one type for every request, so a key cannot borrow from the request it was
 /// taken from; and the registry keeps the key while the request waits and runs, after
-/// the request itself has been moved into the inner service. Copy or clone what
-/// identifies the key:
+/// the request itself has been moved into the inner service. Copy what identifies the
+/// key into a value of its own.
+///
+/// A header is copied too, not cloned: a `HeaderValue` clone shares the request's
+/// buffer, which under a server such as hyper is the connection's whole read buffer, and
+/// keeps it alive for as long as the key is live. The `http` module's `by_header` makes
+/// that copy for you:
 ///
 /// ```
 /// use axum::http::{HeaderValue, Request};
 /// use tower_sync_engine::{Mode, SyncEngineLayer};
 ///
-/// // A header, cloned: a `HeaderValue` clone shares the header's bytes.
+/// // A header, copied: the key owns its bytes and pins no request buffer.
 /// fn by_session(request: &Request<()>) -> Mode<HeaderValue> {
 ///     match request.headers().get("x-session-id") {
-///         Some(session) => Mode::Sync(session.clone()),
+///         Some(session) => match HeaderValue::from_bytes(session.as_bytes()) {
+///             Ok(session) => Mode::Sync(session),
+///             // Unreachable for a parsed request, whose values are valid.
+///             Err(_) => Mode::Concurrent,
+///         },
 ///         None => Mode::Concurrent,
 ///     }
 /// }
@@ -60,7 +69,7 @@
 ///
 /// A key borrowed from the request does not compile: rustc reports "lifetime may not
 /// live long enough" and "return type of closure is `Mode<&'2 str>`". Make it owned,
-/// here with `.to_owned()`, or clone the `HeaderValue` as above:
+/// here with `.to_owned()`, or copy the `HeaderValue` as above:
 ///
 /// ```compile_fail
 /// use axum::http::Request;

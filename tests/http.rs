@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -615,6 +616,155 @@ fn an_invalid_header_name_panics_naming_it() {
     by_header("x session");
 }
 
+// ---- a key from a header owns its bytes ----
+
+/// A connection's read buffer, as a server parses a request in place: the header values
+/// are slices of it. Records when it is freed.
+struct ReadBuffer {
+    bytes: Vec<u8>,
+    freed: Arc<AtomicBool>,
+}
+
+impl AsRef<[u8]> for ReadBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for ReadBuffer {
+    fn drop(&mut self) {
+        self.freed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A request whose session header is a slice of a 16 KiB read buffer, and the flag set
+/// once nothing keeps that buffer alive any more.
+fn request_in_buffer(
+    method: Method,
+    path: &str,
+    session: &str,
+) -> (Request<Body>, Arc<AtomicBool>) {
+    let freed = Arc::new(AtomicBool::new(false));
+    let head = format!("{method} {path} HTTP/1.1\r\n{SESSION}: {session}\r\n\r\n");
+    let mut bytes = head.into_bytes();
+    let start = bytes.len() - session.len() - 4;
+    bytes.resize(16 * 1024, 0);
+    let buffer = bytes::Bytes::from_owner(ReadBuffer {
+        bytes,
+        freed: freed.clone(),
+    });
+    let value = HeaderValue::from_maybe_shared(buffer.slice(start..start + session.len()));
+    let value = value.unwrap();
+    assert_eq!(value, session);
+    drop(buffer);
+
+    let mut request = request(method, path, None);
+    request.headers_mut().insert(SESSION, value);
+    assert!(!freed.load(Ordering::SeqCst), "the header keeps its buffer");
+    (request, freed)
+}
+
+#[test]
+fn by_header_keys_own_their_bytes_and_keep_the_sensitive_flag() {
+    let (mut request, freed) = request_in_buffer(Method::POST, "/edit", "alice");
+    request
+        .headers_mut()
+        .get_mut(SESSION)
+        .unwrap()
+        .set_sensitive(true);
+
+    let Mode::Sync(key) = by_header(SESSION).classify(&request) else {
+        panic!("a request with the header is Sync");
+    };
+    drop(request);
+    assert!(
+        freed.load(Ordering::SeqCst),
+        "the key keeps the buffer alive"
+    );
+    assert_eq!(key, "alice");
+    assert!(key.is_sensitive());
+
+    let plain = Request::get("/").header(SESSION, "bob").body(()).unwrap();
+    let Mode::Sync(key) = by_header(SESSION).classify(&plain) else {
+        panic!("a request with the header is Sync");
+    };
+    assert!(!key.is_sensitive());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_key_does_not_keep_its_request_buffer_alive() {
+    let (app, layer, shared) = session_app();
+    let lines = shared.next_report_streams();
+
+    // The report's body has not ended, so its session's key is live; the request itself
+    // is gone, handled.
+    let (report, freed) = request_in_buffer(Method::GET, "/report", "alice");
+    let body = send(&app, report).await.into_body();
+    assert_eq!((layer.stats().keys, layer.stats().in_flight), (1, 1));
+    assert!(
+        freed.load(Ordering::SeqCst),
+        "the live key keeps the buffer"
+    );
+
+    // It is still the session's key: the session's next request waits for the body.
+    let edit = spawn_send(&app, edit_request(Some("alice"), "next"));
+    settle().await;
+    assert_eq!(shared.log(), ["report"]);
+    drop((lines, body));
+    assert_eq!(
+        bounded("edit", edit).await.unwrap(),
+        (StatusCode::OK, "next".to_owned())
+    );
+    assert!(layer.stats().is_idle());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_that_moves_on_does_not_keep_its_first_request_buffer_alive() {
+    // The requests to `/hold` run until the test adds a permit.
+    let permits = Arc::new(tokio::sync::Semaphore::new(0));
+    let inner = service_fn({
+        let permits = permits.clone();
+        move |request: Request<Body>| {
+            let hold = request.uri().path() == "/hold";
+            drop(request);
+            let permits = permits.clone();
+            async move {
+                if hold {
+                    permits.acquire().await.unwrap().forget();
+                }
+                Ok::<_, Infallible>(())
+            }
+        }
+    });
+    let layer = SyncEngineLayer::new(by_header(SESSION));
+    let service = ServiceBuilder::new().layer(layer.clone()).service(inner);
+
+    // The session's first request, read from one connection, and its next, read from
+    // another, waiting behind it.
+    let (first, first_freed) = request_in_buffer(Method::POST, "/hold", "alice");
+    let first = tokio::spawn(service.clone().oneshot(first));
+    let (second, second_freed) = request_in_buffer(Method::POST, "/hold", "alice");
+    let second = tokio::spawn(service.clone().oneshot(second));
+    settle().await;
+    assert_eq!((layer.stats().in_flight, layer.stats().queued), (1, 1));
+
+    // The first is done and its connection gone; the second keeps the session busy,
+    // and the registry keeps the key the first request brought.
+    permits.add_permits(1);
+    bounded("first", first).await.unwrap().unwrap();
+    settle().await;
+    assert_eq!((layer.stats().keys, layer.stats().in_flight), (1, 1));
+    assert!(
+        first_freed.load(Ordering::SeqCst),
+        "the session's key keeps the first connection's buffer"
+    );
+    assert!(second_freed.load(Ordering::SeqCst));
+
+    permits.add_permits(1);
+    bounded("second", second).await.unwrap().unwrap();
+    assert!(layer.stats().is_idle());
+}
+
 // ---- over a real hyper server on loopback ----
 
 mod loopback {
@@ -622,6 +772,8 @@ mod loopback {
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+    use axum::extract::ws::WebSocketUpgrade;
 
     use super::*;
 
@@ -645,6 +797,15 @@ mod loopback {
         Body::from_stream(futures::stream::iter(chunks))
     }
 
+    /// A WebSocket that stays open until the client goes away, logging both ends.
+    async fn websocket(State(shared): State<Shared>, upgrade: WebSocketUpgrade) -> Response<Body> {
+        upgrade.on_upgrade(move |mut socket| async move {
+            shared.log.lock().unwrap().push("ws open".to_owned());
+            while let Some(Ok(_)) = socket.recv().await {}
+            shared.log.lock().unwrap().push("ws closed".to_owned());
+        })
+    }
+
     /// Serves the app on an ephemeral loopback port with axum's hyper server.
     async fn serve(
         layer: HttpSyncEngineLayer<ByHeader, HeaderValue>,
@@ -653,6 +814,7 @@ mod loopback {
         let app = routes()
             .route("/forever", get(forever))
             .route("/big", get(big))
+            .route("/ws", get(websocket))
             .layer(layer)
             .with_state(shared.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -725,6 +887,42 @@ mod loopback {
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         assert!(response.ends_with("after"), "{response}");
         eventually("the domain is idle", || layer.stats().is_idle()).await;
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_passes_the_session_on_while_the_upgraded_connection_runs() {
+        let shared = Shared::default();
+        let layer = session_layer();
+        let addr = serve(layer.clone(), &shared).await;
+
+        let mut socket = bounded("connect", TcpStream::connect(addr)).await.unwrap();
+        let handshake = format!(
+            "GET /ws HTTP/1.1\r\nhost: loopback\r\n{SESSION}: s\r\n\
+             connection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n\
+             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        socket.write_all(handshake.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0; 1];
+            let read = bounded("the 101", socket.read(&mut byte)).await.unwrap();
+            assert_ne!(read, 0, "the server closed before its answer");
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+
+        // The 101's body is empty: the session passed on when the response was built.
+        assert!(layer.stats().is_idle());
+        eventually("the WebSocket runs", || shared.log() == ["ws open"]).await;
+
+        // The session's next request runs beside the open WebSocket.
+        let beside = exchange(addr, "POST /edit?beside", "s").await;
+        assert!(beside.ends_with("beside"), "{beside}");
+        assert_eq!(shared.log(), ["ws open", "edit beside"]);
+
+        drop(socket);
+        eventually("the WebSocket closes", || shared.log().len() == 3).await;
+        assert_eq!(shared.log(), ["ws open", "edit beside", "ws closed"]);
     }
 
     #[tokio::test]

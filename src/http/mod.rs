@@ -100,7 +100,10 @@
 //! (A layer that is made but never wraps a service leaves its key type open, and the
 //! compiler asks for it.) Any other policy works too: a closure over the request (name its argument's type,
 //! for instance `&axum::extract::Request`), or a type of your own implementing `Policy`.
-//! Keys are owned values: a cloned `HeaderValue`, a `String`, an id.
+//! Keys are owned values: a `HeaderValue` copied with `HeaderValue::from_bytes`, as
+//! [`by_header`] does, a `String`, an id. Not a `HeaderValue` clone: it shares the
+//! request's buffer, the connection's read buffer under hyper, and keeps it alive for as
+//! long as the key is live.
 //!
 //! # Bodies that never end
 //!
@@ -131,6 +134,19 @@
 //!     .layer(layer);
 //! # drop(app);
 //! ```
+//!
+//! # Upgrades
+//!
+//! A `101 Switching Protocols` response, such as the answer to a WebSocket handshake, has
+//! an empty body, so its key passes on as soon as the response is built, while the
+//! upgraded connection goes on: the session's next request runs beside the WebSocket.
+//! That is intended. From the `101` on, the connection is no longer an HTTP exchange:
+//! the layer sees neither its messages nor its end, and holding the key until it closes
+//! would stall the session's requests for the WebSocket's whole life. To order a
+//! WebSocket's messages with the session's requests, call each message through a plain
+//! layer in the same domain, as [One domain, both flavours](#one-domain-both-flavours)
+//! shows: every message then takes its place in the session's line, between its
+//! requests.
 //!
 //! # Timeouts and slow readers
 //!

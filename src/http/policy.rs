@@ -30,6 +30,15 @@ use crate::policy::Policy;
 /// would let a request for session `a` that also carries `b` run alongside `a`'s other
 /// requests.
 ///
+/// **The key owns its bytes**: it is a copy of the value, with the same
+/// [`is_sensitive`](HeaderValue::is_sensitive) flag, not a clone. A server parses the
+/// headers in place, so a request's `HeaderValue` is a slice of its connection's read
+/// buffer (several kilobytes under hyper), and a clone shares that whole buffer. The
+/// layer keeps a key for as long as its session stays busy, possibly long after the
+/// request it came from has been handled and its connection closed; a cloned key would
+/// keep that buffer alive all the while, for every live key. The copy costs one
+/// allocation of the value's length per `Mode::Sync` request.
+///
 /// # Panics
 ///
 /// If `name` is not a valid header name; the message names it.
@@ -73,6 +82,9 @@ pub fn by_header<N: AsRef<[u8]>>(name: N) -> ByHeader {
 
 /// The policy made by [`by_header`]: `Mode::Sync(value)` of the request's first value of
 /// the header, `Mode::Concurrent` when it has none.
+///
+/// The key is a copy of the value that owns exactly its bytes, so that a live key never
+/// keeps the request's, or its connection's, read buffer alive (see [`by_header`]).
 #[derive(Clone, Debug)]
 pub struct ByHeader {
     name: HeaderName,
@@ -91,10 +103,29 @@ impl<B> Policy<Request<B>> for ByHeader {
     #[inline]
     fn classify(&self, request: &Request<B>) -> Mode<HeaderValue> {
         match request.headers().get(&self.name) {
-            Some(value) => Mode::Sync(value.clone()),
+            Some(value) => Mode::Sync(owned(value)),
             None => Mode::Concurrent,
         }
     }
+}
+
+/// A copy of `value` that owns exactly its bytes.
+///
+/// A server's `HeaderValue` is usually a slice of the connection's read buffer, and a
+/// clone would share, and so keep alive, that whole buffer for as long as the registry
+/// keeps the key: after the request has been handled, and after its connection has
+/// closed, while later requests keep the session busy. `from_bytes` is the cheapest safe
+/// copy: one allocation of the value's length (none for an empty value) and one scan of
+/// its bytes, which `from_maybe_shared(Bytes::copy_from_slice(..))` would do as well.
+#[inline]
+fn owned(value: &HeaderValue) -> HeaderValue {
+    // Only a value made with the unsafe `from_maybe_shared_unchecked` can hold bytes that
+    // `from_bytes` rejects (hyper's HTTP/1 parser, which makes its values that way, lets
+    // none of them through); keying by a clone keeps such a request ordered, at the cost
+    // of sharing its buffer.
+    let mut key = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+    key.set_sensitive(value.is_sensitive());
+    key
 }
 
 /// Orders requests by their extension of type `T`, such as a user id that an
