@@ -27,7 +27,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::error::Overloaded;
-use crate::registry::{Admitted, Claim, Queued, Registry};
+use crate::registry::{Admitted, Claim, Queued, Registry, let_go};
 
 const POLLED_AFTER_COMPLETION: &str = "ResponseFuture polled after completion";
 
@@ -159,8 +159,9 @@ where
         };
         // A key's `Drop` is foreign code, so it runs once the claim is in the turn, and
         // while the turn is a local: a value being returned is not dropped if a drop
-        // panics on the way out (rust-lang/rust#47949), and would keep its claim.
-        drop(spare_key);
+        // panics on the way out (rust-lang/rust#47949), and would keep its claim. `call()`
+        // may run in a destructor while a panic unwinds, hence `let_go`.
+        let_go(spare_key);
         turn
     }
 

@@ -526,8 +526,8 @@ fn counts(stats: Stats) -> (usize, usize, usize) {
 }
 
 /// One key's line: request 0 holds a permit but cannot start (the inner service is not
-/// ready), the next `permits - 1` hold the other permits and wait for it to start, and
-/// three more wait for a permit.
+/// ready), and `permits + 2` more wait behind it without a permit: a permit goes only to
+/// a request that may start, and none may before 0 does.
 fn line_behind_an_unstarted_head(
     permits: usize,
 ) -> (
@@ -541,7 +541,7 @@ fn line_behind_an_unstarted_head(
     let futures: Vec<Option<PlainFuture>> = (0..permits + 3)
         .map(|id| Some(Box::pin(service.call(sync(1, id)))))
         .collect();
-    assert_eq!(counts(layer.stats()), (1, permits, 3));
+    assert_eq!(counts(layer.stats()), (1, 1, permits + 2));
     (layer, lab, service, futures)
 }
 
@@ -622,17 +622,15 @@ fn with_several_permits_a_waker_that_panics_on_wake_loses_no_permit_and_no_order
                 // Request 0 is running: its state owns the inner future and the claim,
                 // and nothing was given up while unwinding.
                 assert_eq!(lab.drops(0), 0, "permits {permits}");
-                assert_eq!(
-                    counts(after),
-                    (1, permits, total - permits),
-                    "permits {permits}"
-                );
-                // Dropping it drops the inner future, then passes its permit on.
+                // 1 was granted a permit, its wake lost with the panic.
+                assert_eq!(counts(after), (1, 2, total - 2), "permits {permits}");
+                // Dropping it drops the inner future; 1 keeps its permit, and the
+                // others wait for 1 to start.
                 futures[0] = None;
                 assert_eq!(lab.drops(0), 1, "permits {permits}");
                 assert_eq!(
                     counts(layer.stats()),
-                    (1, permits, total - permits - 1),
+                    (1, 1, total - 2),
                     "permits {permits}"
                 );
             }
@@ -694,7 +692,7 @@ fn with_several_permits_a_panicking_wake_in_the_release_leaves_a_done_future() {
 }
 
 /// Waiters polled with a waker whose `clone` panics: nothing is registered or changed,
-/// for granted waiters and waiters without a permit alike.
+/// for the first waiter behind the unstarted head and the ones after it alike.
 #[test]
 fn with_several_permits_a_waker_that_panics_on_clone_changes_nothing() {
     let _events = support::capture::listen();
@@ -716,12 +714,12 @@ fn with_several_permits_a_waker_that_panics_on_clone_changes_nothing() {
             assert_eq!(message, "injected: waker clone");
             assert_eq!(counts(layer.stats()), before, "permits {permits}");
         }
-        // Dropping a granted waiter and one without a permit, each after a failed clone.
+        // Dropping the first waiter and the last, each after a failed clone.
         futures[1] = None;
         futures[total - 1] = None;
         assert_eq!(
             counts(layer.stats()),
-            (1, permits, total - permits - 2),
+            (1, 1, total - 3),
             "permits {permits}"
         );
         lab.set_readiness(Readiness::Ready);
@@ -733,8 +731,8 @@ fn with_several_permits_a_waker_that_panics_on_clone_changes_nothing() {
     }
 }
 
-/// A subscriber that panics on `queued` for a request that joined the line holding a
-/// spare permit (behind an unstarted head), and on `admitted`: the request is gone or
+/// A subscriber that panics on `queued` for a request that joined the line behind an
+/// unstarted head while a permit was free, and on `admitted`: the request is gone or
 /// still the head, and the counts stay exact.
 #[cfg(feature = "tracing")]
 #[test]
@@ -742,7 +740,7 @@ fn with_several_permits_a_panicking_subscriber_loses_no_permit() {
     use support::capture::Capture;
     support::quiet_handler_panics();
     for permits in [2usize, 3] {
-        // `queued`: 0 is the unstarted head, 1 joins the line with a spare permit.
+        // `queued`: 0 is the unstarted head, 1 joins the line behind it.
         let _subscriber = tracing::subscriber::set_default(Capture::panicking_on("queued"));
         let (layer, lab, mut service) = plain_layer(permits);
         lab.set_readiness(Readiness::Pending);
@@ -751,7 +749,11 @@ fn with_several_permits_a_panicking_subscriber_loses_no_permit() {
         assert!(panicked.is_err(), "permits {permits}: no queued event");
         assert_eq!(counts(layer.stats()), (1, 1, 0), "permits {permits}");
         futures.extend((2..permits + 4).map(|id| Some(Box::pin(service.call(sync(1, id))))));
-        assert_eq!(counts(layer.stats()), (1, permits, 3), "permits {permits}");
+        assert_eq!(
+            counts(layer.stats()),
+            (1, 1, permits + 2),
+            "permits {permits}"
+        );
         lab.set_readiness(Readiness::Ready);
         let expected: Vec<usize> = std::iter::once(0).chain(2..permits + 4).collect();
         let label = format!("permits {permits}");
@@ -1016,7 +1018,9 @@ fn long_lines_with_holes_keep_call_order_and_exact_stats() {
                         .collect();
                     let running = alive.iter().filter(|id| called.contains(id)).count();
                     let waiting = alive.len() - running;
-                    let holding = (running + waiting).min(permits);
+                    // The running requests, and the first that has not started if it
+                    // may start: only that one holds a permit while it waits.
+                    let holding = running + usize::from(waiting > 0 && running < permits);
                     let expected = (
                         usize::from(!alive.is_empty()),
                         holding,

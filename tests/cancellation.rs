@@ -439,8 +439,8 @@ fn a_panicking_start_notice_drops_the_inner_future_before_the_key_passes_on() {
     };
     let mut service = layer.layer(gate.clone());
     let mut noop = Context::from_waker(Waker::noop());
-    // 0 holds a permit but cannot start (not ready); 1 holds the other permit and waits
-    // for 0 to start; 2 waits for a permit.
+    // 0 holds a permit but cannot start (not ready); 1 and 2 wait behind it, without a
+    // permit: 1 is granted the free one once 0 starts.
     let mut first = Box::pin(service.call(0));
     let mut second = Box::pin(service.call(1));
     let mut third = Box::pin(service.call(2));
@@ -452,7 +452,7 @@ fn a_panicking_start_notice_drops_the_inner_future_before_the_key_passes_on() {
             .is_pending()
     );
     assert!(third.as_mut().poll(&mut noop).is_pending());
-    assert_eq!((layer.stats().in_flight, layer.stats().queued), (2, 1));
+    assert_eq!((layer.stats().in_flight, layer.stats().queued), (1, 2));
 
     // 0 calls the inner service; its start notice wakes 1, and that wake panics.
     gate.ready.store(true, Ordering::SeqCst);

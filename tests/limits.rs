@@ -188,3 +188,68 @@ fn debug_shows_the_settings() {
         assert!(debug.contains(expected), "{debug}");
     }
 }
+
+/// A key whose first request holds a permit but has not started (its inner service is
+/// not ready) is busy: with two permits per key, the next request still has to wait for
+/// the first to start, so it is queued, not in flight, and `max_queue_per_key(0)`
+/// rejects it.
+#[tokio::test]
+async fn a_request_behind_an_unstarted_head_is_queued_and_counts_against_the_queue_limit() {
+    use tokio_test::{assert_pending, assert_ready_ok, task};
+    use tower_test::mock;
+
+    for max_queue in [0, 1] {
+        let (inner, mut handle) = mock::pair::<u32, u32>();
+        handle.allow(0);
+        let layer = SyncEngineLayer::new(|_: &u32| Mode::Sync(0u8))
+            .permits_per_key(2)
+            .max_queue_per_key(max_queue);
+        let mut service = layer.layer(inner);
+
+        // The key is free: the first request holds a permit, waiting for readiness.
+        let mut first = task::spawn(service.call(1));
+        assert_pending!(first.poll());
+        assert_eq!((layer.stats().in_flight, layer.stats().queued), (1, 0));
+
+        let second = service.call(2);
+        if max_queue == 0 {
+            let error = futures::FutureExt::now_or_never(second)
+                .expect("rejected at once")
+                .expect_err("the key is busy: a request would have to wait");
+            assert_eq!(
+                error.downcast_ref::<Overloaded>().map(Overloaded::limit),
+                Some(Limit::MaxQueuePerKey)
+            );
+            assert_eq!((layer.stats().in_flight, layer.stats().queued), (1, 0));
+            continue;
+        }
+        // With room for one, it waits: queued, holding no permit until the first starts.
+        let mut second = task::spawn(second);
+        assert_pending!(second.poll());
+        assert_eq!((layer.stats().in_flight, layer.stats().queued), (1, 1));
+        // The line is full.
+        let third = futures::FutureExt::now_or_never(service.call(3))
+            .expect("rejected at once")
+            .expect_err("the line is full");
+        assert_eq!(
+            third.downcast_ref::<Overloaded>().map(Overloaded::limit),
+            Some(Limit::MaxQueuePerKey)
+        );
+
+        // The first starts: the second is granted the free permit and may start too.
+        handle.allow(2);
+        assert_pending!(first.poll());
+        let (request, respond_first) = handle.next_request().await.unwrap();
+        assert_eq!(request, 1);
+        assert!(second.is_woken());
+        assert_eq!((layer.stats().in_flight, layer.stats().queued), (2, 0));
+        assert_pending!(second.poll());
+        let (request, respond_second) = handle.next_request().await.unwrap();
+        assert_eq!(request, 2);
+        respond_second.send_response(20);
+        respond_first.send_response(10);
+        assert_eq!(assert_ready_ok!(second.poll()), 20);
+        assert_eq!(assert_ready_ok!(first.poll()), 10);
+        assert!(layer.stats().is_idle());
+    }
+}

@@ -1,5 +1,6 @@
 //! Exact cleanup, measured: after any burst the registry's heap returns to where it
-//! started, a line that never empties still gives its memory back, and steady traffic
+//! started once warmed up, and stays within a bound per shard from a fresh start; a line
+//! that never empties still gives its memory back; and steady traffic, contended or not,
 //! allocates (almost) nothing.
 //!
 //! The counting allocator counts per thread, and each test runs on its own thread, so
@@ -12,9 +13,13 @@ use std::mem::size_of_val;
 use std::pin::pin;
 use std::task::{Context, Waker};
 
-use counting::{Echo, allocations, live_bytes};
+use counting::{Echo, YieldOnce, allocations, live_bytes};
 use tower::{Layer, Service};
 use tower_sync_engine::{Mode, SyncEngineLayer};
+
+/// std's SipHash-1-3 with fixed keys: the counts below depend on how keys fall on shards,
+/// and a fixed seed makes them the same in every run (as a random one does on average).
+type Seeded = std::hash::BuildHasherDefault<std::hash::DefaultHasher>;
 
 /// How far from its pre-burst size the heap may be after a burst has drained.
 const SLACK: isize = 1024;
@@ -148,7 +153,7 @@ fn registry_memory_returns_to_baseline_and_hot_paths_do_not_allocate() {
 fn steady_key_churn_allocates_almost_nothing() {
     let mut cx = Context::from_waker(Waker::noop());
     for live in [16, 64, 256, 1_024] {
-        let layer = SyncEngineLayer::new(|n: &u64| Mode::Sync(*n));
+        let layer = SyncEngineLayer::new(|n: &u64| Mode::Sync(*n)).with_hasher(Seeded::default());
         let mut service = layer.layer(Echo);
         let mut next_key = 0u64;
         let mut call = |service: &mut _| {
@@ -179,5 +184,223 @@ fn steady_key_churn_allocates_almost_nothing() {
         );
         drop(held);
         assert!(layer.stats().is_idle());
+    }
+}
+
+/// Steps run before counting: long enough for every shard to have met the most keys (and
+/// queued keys) it meets at once under that load, whose lines and table room it then keeps.
+const WARM: usize = 150_000;
+
+type Contended = tower_sync_engine::ResponseFuture<YieldOnce, u64, u64>;
+
+/// One key with a request running and one waiting behind it.
+struct Busy {
+    running: std::pin::Pin<Box<Contended>>,
+    waiting: std::pin::Pin<Box<Contended>>,
+}
+
+impl Busy {
+    fn new<S>(service: &mut S, key: u64, cx: &mut Context<'_>) -> Self
+    where
+        S: Service<u64, Future = Contended>,
+    {
+        let mut running = Box::pin(service.call(key));
+        assert!(running.as_mut().poll(cx).is_pending(), "running");
+        let mut waiting = Box::pin(service.call(key));
+        assert!(waiting.as_mut().poll(cx).is_pending(), "waiting");
+        Busy { running, waiting }
+    }
+
+    /// The running request finishes and the waiting one starts; a new request for the
+    /// same key waits behind it. Reuses the futures' boxes, so only the layer allocates.
+    fn advance<S>(&mut self, service: &mut S, key: u64, cx: &mut Context<'_>)
+    where
+        S: Service<u64, Future = Contended>,
+    {
+        assert!(self.running.as_mut().poll(cx).is_ready(), "finished");
+        assert!(self.waiting.as_mut().poll(cx).is_pending(), "started");
+        std::mem::swap(&mut self.running, &mut self.waiting);
+        self.waiting.set(service.call(key));
+        assert!(self.waiting.as_mut().poll(cx).is_pending(), "waiting");
+    }
+
+    /// Both requests run to completion: the key goes idle.
+    fn finish(&mut self, cx: &mut Context<'_>) {
+        assert!(self.running.as_mut().poll(cx).is_ready(), "finished");
+        assert!(self.waiting.as_mut().poll(cx).is_pending(), "started");
+        assert!(self.waiting.as_mut().poll(cx).is_ready(), "finished");
+    }
+}
+
+/// Steady contended traffic: every live key has a request running and one waiting, and
+/// requests keep coming, on the same keys or on new keys replacing finished ones. Each
+/// key that queues needs a line; the shards reuse them, so steady traffic allocates at
+/// most once per 1,000 requests up to 1,024 live keys.
+#[test]
+fn steady_contended_traffic_allocates_almost_nothing() {
+    let mut cx = Context::from_waker(Waker::noop());
+    for new_keys in [false, true] {
+        for live in [16u64, 64, 256, 1_024] {
+            let layer =
+                SyncEngineLayer::new(|n: &u64| Mode::Sync(*n)).with_hasher(Seeded::default());
+            let mut service = layer.layer(YieldOnce);
+            let mut keys: Vec<u64> = (0..live).collect();
+            let mut next_key = live;
+            let mut busy: Vec<Busy> = keys
+                .iter()
+                .map(|&key| Busy::new(&mut service, key, &mut cx))
+                .collect();
+            let mut rng = 0x2545_F491_4F6C_DD1Du64;
+            let mut step = |busy: &mut Vec<Busy>, service: &mut _, cx: &mut Context<'_>| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let slot = (rng % live) as usize;
+                if new_keys {
+                    busy[slot].finish(cx);
+                    keys[slot] = next_key;
+                    next_key += 1;
+                    let fresh = Busy::new(service, keys[slot], cx);
+                    // Drops the old futures' boxes: allocations of the test, not the layer.
+                    let _ = std::mem::replace(&mut busy[slot], fresh);
+                } else {
+                    busy[slot].advance(service, keys[slot], cx);
+                }
+            };
+            for _ in 0..WARM {
+                step(&mut busy, &mut service, &mut cx);
+            }
+            let before = allocations();
+            let steps = 100_000;
+            for _ in 0..steps {
+                step(&mut busy, &mut service, &mut cx);
+            }
+            // Each step makes one request with the same keys and two with new keys; the
+            // new keys' futures are boxed by the test: two allocations per step.
+            let requests = if new_keys { 2 * steps } else { steps };
+            let by_test = if new_keys { 2 * steps } else { 0 };
+            let allocated = allocations() - before - by_test;
+            assert!(
+                allocated * 1_000 <= requests,
+                "{live} live keys (new keys: {new_keys}): {allocated} allocations for \
+                 {requests} requests"
+            );
+            for mut key in busy {
+                key.finish(&mut cx);
+            }
+            assert!(layer.stats().is_idle());
+        }
+    }
+}
+
+/// Bursts: every one of 256 keys gets two requests at once, then the domain drains.
+/// After the first few bursts, the next ones allocate at most once per 1,000 requests.
+#[test]
+fn repeated_bursts_of_two_per_key_allocate_almost_nothing() {
+    let mut cx = Context::from_waker(Waker::noop());
+    let layer = SyncEngineLayer::new(|n: &u64| Mode::Sync(*n)).with_hasher(Seeded::default());
+    let mut service = layer.layer(YieldOnce);
+    let mut busy: Vec<Busy> = (0..256)
+        .map(|key| Busy::new(&mut service, key, &mut cx))
+        .collect();
+    let burst = |busy: &mut Vec<Busy>, service: &mut _, cx: &mut Context<'_>| {
+        for key in busy.iter_mut() {
+            key.finish(cx);
+        }
+        assert!(layer.stats().is_idle());
+        for (key, slot) in busy.iter_mut().enumerate() {
+            slot.running.set(Service::call(service, key as u64));
+            assert!(slot.running.as_mut().poll(cx).is_pending());
+        }
+        for (key, slot) in busy.iter_mut().enumerate() {
+            slot.waiting.set(Service::call(service, key as u64));
+            assert!(slot.waiting.as_mut().poll(cx).is_pending());
+        }
+    };
+    for _ in 0..20 {
+        burst(&mut busy, &mut service, &mut cx);
+    }
+    let before = allocations();
+    let bursts = 100;
+    for _ in 0..bursts {
+        burst(&mut busy, &mut service, &mut cx);
+    }
+    let allocated = allocations() - before;
+    let requests = bursts * 512;
+    assert!(
+        allocated * 1_000 <= requests,
+        "{allocated} allocations for {requests} requests"
+    );
+}
+
+/// Shards of a domain on this machine: 32 per core, a power of two, at most 1,024.
+fn shards() -> isize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores * 32).next_power_of_two().min(1_024) as isize
+}
+
+/// What an idle shard keeps at most, with `u64` keys and the default features: a table
+/// with room for 28 keys, and as many empty lines, each with room for 8 waiters.
+const IDLE_SHARD_BOUND: isize = 15 * 1024;
+
+/// From a fresh domain: whatever the burst, once it has drained the domain keeps at most
+/// `IDLE_SHARD_BOUND` per shard, and a burst larger than what a shard keeps is given back
+/// down to the same small size every time.
+#[test]
+fn an_idle_domain_keeps_a_bounded_size_after_any_burst() {
+    let mut cx = Context::from_waker(Waker::noop());
+    let layer = SyncEngineLayer::new(|n: &u64| Mode::Sync(*n)).with_hasher(Seeded::default());
+    let mut service = layer.layer(Echo);
+    let fresh = live_bytes();
+    let bound = shards() * IDLE_SHARD_BOUND;
+    // Printed at the end: printing grows the test harness's output buffer, whose bytes
+    // this thread's count would include.
+    let mut report = Vec::with_capacity(32);
+    let mut kept = |label: &'static str| {
+        assert!(layer.stats().is_idle(), "{label}");
+        let kept = live_bytes() - fresh;
+        assert!(kept <= bound, "{label}: {kept} bytes kept, bound {bound}");
+        report.push((label, kept));
+        kept
+    };
+
+    // Bursts of distinct keys, small and large, each with `depth` requests per key: the
+    // ones that fill a shard's table to what it keeps are the worst case.
+    let mut worst = 0;
+    for (keys, labels) in [
+        (100u64, ["100 keys", "100 keys x 9"]),
+        (1_500, ["1,500 keys", "1,500 keys x 9"]),
+        (1_800, ["1,800 keys", "1,800 keys x 9"]),
+        (3_000, ["3,000 keys", "3,000 keys x 9"]),
+        (100_000, ["100,000 keys", "100,000 keys x 9"]),
+    ] {
+        for (depth, label) in [1, 9].into_iter().zip(labels) {
+            let held: Vec<_> = (0..keys)
+                .flat_map(|key| std::iter::repeat_n(key, depth))
+                .map(|key| service.call(key))
+                .collect();
+            drop(held);
+            worst = worst.max(kept(label));
+        }
+    }
+    // Long lines on a few keys.
+    let held: Vec<_> = (0..200_000).map(|n| service.call(n % 3)).collect();
+    drop(held);
+    kept("3 keys x 66,667");
+
+    // A burst far larger than any shard keeps leaves every shard at the size it keeps
+    // once emptied after such a burst, whatever came before.
+    let held: Vec<_> = (0..200_000u64).map(|key| service.call(key)).collect();
+    drop(held);
+    let after_large = kept("200,000 keys");
+    let held: Vec<_> = (0..100_000u64).map(|key| service.call(key * 7)).collect();
+    drop(held);
+    assert_eq!(kept("100,000 other keys"), after_large);
+    assert!(after_large <= worst);
+    let mut future = pin!(service.call(1));
+    assert!(future.as_mut().poll(&mut cx).is_ready());
+    for (label, kept) in report {
+        let per_shard = kept / shards();
+        println!("{label}: {kept} bytes kept by the idle domain ({per_shard} per shard)");
     }
 }

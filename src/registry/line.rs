@@ -18,7 +18,8 @@
 //!
 //! 1. Tickets increase from front to back.
 //! 2. The front waiter, if any, is live (never `Gone`).
-//! 3. The live waiters holding a permit (`Granted`) are the first `granted` live waiters.
+//! 3. At most one waiter holds a permit (`Granted`), and it is the front one: a permit is
+//!    granted only to the waiter that may start next.
 //! 4. When some live waiter has no permit, `first_waiting` is the ticket of the first one.
 //!
 //! Finding a waiter is O(1) while no waiter in front of it has been compacted away (its
@@ -40,7 +41,7 @@ pub(super) struct Line {
     next_ticket: u64,
     /// Waiters whose request is still there.
     live: u32,
-    /// Live waiters that hold a permit: the first `granted` live waiters.
+    /// Live waiters that hold a permit: 0, or 1 for the front one.
     granted: u32,
     /// The ticket of the first live waiter without a permit, when there is one.
     first_waiting: u64,
@@ -59,7 +60,7 @@ struct Waiter {
 enum Status {
     /// Waits for a permit.
     Waiting,
-    /// Holds a permit, and waits for every earlier claim of its key to start.
+    /// Holds a permit: it may start on its next poll.
     Granted,
     /// Its request was dropped; the slot is reclaimed later.
     Gone,
@@ -94,52 +95,45 @@ impl Line {
         self.live
     }
 
-    /// Adds a waiter at the back; `granted` if it takes a free permit at once; `since`, the
-    /// time of its `call()`. Returns its ticket.
-    ///
-    /// A granted waiter may only join when every live waiter holds a permit already
-    /// (the caller checks that a permit is free, which implies it, see invariant 2 of the
-    /// registry).
-    pub(super) fn push(&mut self, granted: bool, since: QueuedAt) -> u64 {
+    /// Adds a waiter at the back, without a permit; `since` is the time of its `call()`.
+    /// Returns its ticket.
+    pub(super) fn push(&mut self, since: QueuedAt) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        let status = if granted {
-            debug_assert_eq!(self.waiting(), 0, "permits go to waiters in call order");
-            self.granted += 1;
-            Status::Granted
-        } else {
-            if self.waiting() == 0 {
-                self.first_waiting = ticket;
-            }
-            Status::Waiting
-        };
+        if self.waiting() == 0 {
+            self.first_waiting = ticket;
+        }
         self.live += 1;
         self.waiters.push_back(Waiter {
             ticket,
-            status,
+            status: Status::Waiting,
             waker: None,
             since,
         });
         ticket
     }
 
-    /// Gives free permits (`holders < permits`) to waiters in call order.
-    pub(super) fn grant(&mut self, holders: &mut u32, permits: u32) {
-        while *holders < permits && self.waiting() > 0 {
-            let index = self.index_of(self.first_waiting);
-            self.waiters[index].status = Status::Granted;
-            self.granted += 1;
-            *holders += 1;
-            self.advance_first_waiting(index + 1);
+    /// Gives a free permit (`holders < permits`) to the front waiter, unless a waiter
+    /// holds one already. The caller checks that no earlier claim is unstarted: a permit
+    /// goes only to a waiter that may start (invariant 3).
+    pub(super) fn grant_front(&mut self, holders: &mut u32, permits: u32) {
+        if *holders < permits && self.granted == 0 {
+            if let Some(front) = self.waiters.front_mut() {
+                // The front is live (invariant 2) and, with nobody granted, waiting.
+                debug_assert_eq!(front.ticket, self.first_waiting);
+                front.status = Status::Granted;
+                self.granted = 1;
+                *holders += 1;
+                self.advance_first_waiting(1);
+            }
         }
     }
 
-    /// The waker of the front waiter if it may start now: it holds a permit and no
-    /// earlier claim is still unstarted. Taken, not cloned: the waiter is woken once and
-    /// registers again if its poll finds it cannot start after all.
-    pub(super) fn startable(&mut self, head_unstarted: bool) -> Option<Waker> {
+    /// The waker of the front waiter if it holds a permit. Taken, not cloned: the waiter
+    /// is woken once and registers again if its poll finds it cannot start after all.
+    pub(super) fn startable(&mut self) -> Option<Waker> {
         match self.waiters.front_mut() {
-            Some(front) if !head_unstarted && front.status == Status::Granted => front.waker.take(),
+            Some(front) if front.status == Status::Granted => front.waker.take(),
             _ => None,
         }
     }

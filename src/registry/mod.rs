@@ -24,8 +24,9 @@
 //! Per key the shard keeps:
 //!
 //! - `holders`: claims holding one of the key's `permits` (whether started or not);
-//! - the *line* ([`line`]): claims that have not called the inner service yet, in call
-//!   order. A prefix of the line has been granted a permit; the rest waits for one;
+//! - the *line* ([`line`]): claims that could not start when they were made and have not
+//!   called the inner service yet, in call order. Its front one may have been granted a
+//!   permit; the rest wait for their turn without one;
 //! - `head_unstarted`: one claim holds a permit, comes before the whole line, and has not
 //!   called the inner service yet.
 //!
@@ -34,17 +35,21 @@
 //! in line, `call()` makes the new claim the head at once and no line is touched: the
 //! uncontended path is one lookup and one lock on each side.
 //!
-//! Hand-off: whenever a permit is freed (a claim finished or was dropped) it is granted
-//! to the first waiter without one, and whenever the head starts or leaves, the line's
-//! first waiter, if granted, is woken. A woken waiter becomes the head on its next poll.
+//! Hand-off: a permit is granted only to a claim that may start, so whenever a permit is
+//! freed (a claim finished or was dropped) or the head starts or leaves, the line's front
+//! waiter is granted a free permit, if no claim is the unstarted head, and woken. A woken
+//! waiter becomes the head on its next poll.
 //!
 //! # Invariants
 //!
 //! These hold whenever a shard's lock is free:
 //!
 //! 1. `holders <= permits`.
-//! 2. The granted waiters are a prefix of the line. If anyone waits for a permit,
-//!    `holders == permits`.
+//! 2. A waiter holds a permit only if it may start: it is the front of the line and no
+//!    claim is the unstarted head. So at most one waiter holds a permit, `holders` counts
+//!    the running claims, the unstarted head and that waiter, and `max_queue_per_key`
+//!    bounds the waiters without one. If the line's front waits for a permit and no claim
+//!    is the unstarted head, `holders == permits`.
 //! 3. At most one claim is the unstarted head; while there is one, no waiter may start.
 //!    Together with 2 this makes the order in which the inner service is called the
 //!    order of `call()`.
@@ -75,6 +80,13 @@
 //!    an `Eq` that re-enters the layer waits for the lock it runs under (the crate docs
 //!    say so under "What is not guaranteed").
 //!
+//!    The keys and wakers let go of after the lock, and the wakers woken, go through
+//!    [`foreign`]. A claim releases in `Drop`, which may run while a panic unwinds (a
+//!    response future dropped on its way out), and a second panic escaping a destructor
+//!    then aborts the process; so while the thread is panicking, that code runs under
+//!    `catch_unwind` and a panic of its own is dropped. The shard's state is final by
+//!    then, so the release is complete either way and no hand-off is lost.
+//!
 //! With one permit per key, nothing can be granted while the head holds the key, so the
 //! head skips telling the shard that it started and clears its mark when it releases.
 //! That saves a lock per request on the common path.
@@ -90,6 +102,7 @@
 //! domain lands in one bucket of one shard and each request compares keys linearly:
 //! `max_keys` bounds that cost.
 
+mod foreign;
 mod line;
 mod settings;
 mod shard;
@@ -97,8 +110,10 @@ mod shard;
 use std::hash::{BuildHasher, Hash};
 use std::num::NonZeroUsize;
 use std::sync::OnceLock;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
+use self::foreign::LetGo;
+pub(crate) use self::foreign::let_go;
 use self::line::Polled;
 pub(crate) use self::settings::Settings;
 use self::settings::UNBOUNDED;
@@ -272,7 +287,7 @@ where
         let place = match placed {
             Ok(place) => place,
             Err(overloaded) => {
-                drop(spare_key);
+                let_go(spare_key);
                 return Err(overloaded);
             }
         };
@@ -307,7 +322,7 @@ pub(crate) struct Admitted<K> {
     /// Set when the claim joined its key's line.
     pub(crate) queued: Option<Queued>,
     /// The caller's key, when the shard kept an equal one: dropped after the claim is
-    /// in place, since its `Drop` is foreign code.
+    /// in place, since its `Drop` is foreign code, and through [`let_go`].
     pub(crate) spare_key: Option<K>,
 }
 
@@ -388,7 +403,7 @@ impl<K> Claim<K> {
                     let notify = shard.settings().permits_per_key > 1;
                     self.state = ClaimState::Holding { head: true, notify };
                     drop(shard);
-                    drop((stale, fresh));
+                    let_go_of(stale, fresh);
                     trace::admitted(since);
                     return Poll::Ready(());
                 }
@@ -401,7 +416,7 @@ impl<K> Claim<K> {
             };
             self.state = ClaimState::Waiting { registered: true };
             drop(shard);
-            drop((stale, fresh));
+            let_go_of(stale, fresh);
             return Poll::Pending;
         }
     }
@@ -428,6 +443,17 @@ impl<K> Claim<K> {
             deferred.run();
         }
     }
+}
+
+/// Drops the wakers a poll no longer needs. A destructor may poll while a panic unwinds,
+/// so they go through [`foreign`]. Every hand-off drops one, so this is inlined at both
+/// callers, and keeps the two in separate locals: the drop of a tuple is not always
+/// inlined, and a call costs more than the rest.
+#[inline(always)]
+fn let_go_of(stale: Option<Waker>, fresh: Option<Waker>) {
+    let fresh = LetGo(fresh);
+    drop(LetGo(stale));
+    drop(fresh);
 }
 
 /// Tells the shard that the unstarted head `(hash, id)` has called the inner service.

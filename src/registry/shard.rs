@@ -10,6 +10,7 @@ use std::task::Waker;
 
 use hashbrown::{HashTable, hash_table};
 
+use super::foreign::{self, LetGo};
 use super::line::{Line, Polled};
 use super::settings::{Settings, UNBOUNDED};
 use crate::error::{Limit, Overloaded};
@@ -19,6 +20,10 @@ use crate::trace::QueuedAt;
 /// Table capacity a shard keeps, whatever happens: enough for the few keys a shard holds
 /// at a time under light traffic, so that they come and go without reallocating.
 const RETAINED_KEYS: usize = 7;
+
+/// Spare lines a shard keeps when it empties after a burst far beyond `RETAINED_KEYS`
+/// keys: as few as steady traffic on a handful of keys needs.
+const RETAINED_LINES: usize = 1;
 
 /// How fast `demand` forgets a peak: by 1/64 on each key removal.
 const DEMAND_DECAY_SHIFT: u32 = 6;
@@ -40,8 +45,14 @@ pub(super) struct Shard<K> {
     settings: Settings,
     /// Live keys across every shard of the domain, against `max_keys`; only when set.
     budget: Option<Arc<KeyBudget>>,
-    /// An empty line kept from a key that went idle, for the next key that needs one.
-    spare_line: Option<Box<Line>>,
+    /// Empty lines kept from keys that went idle, for the next keys that need one; never
+    /// more than the table has room for keys (see `Shard::keep_line`). Boxed because a
+    /// line moves between this list and a key's entry, which holds it boxed.
+    #[expect(
+        clippy::vec_box,
+        reason = "lines move to and from `KeyState::line` as boxes"
+    )]
+    spare_lines: Vec<Box<Line>>,
 }
 
 /// One live key.
@@ -50,7 +61,7 @@ struct KeyState<K> {
     hash: u64,
     id: u64,
     /// Claims holding one of the key's permits: running, the unstarted head, and the
-    /// granted waiters in the line.
+    /// line's front waiter once it has been granted one (invariant 2).
     holders: u32,
     /// A claim holds a permit, comes before every claim in the line, and has not called
     /// the inner service yet. No one in the line may start before it does.
@@ -104,14 +115,22 @@ pub(super) struct Deferred<K> {
 }
 
 impl<K> Deferred<K> {
+    /// Runs from a claim's `Drop` too, possibly while a panic unwinds, so every step goes
+    /// through [`foreign`]: a panic of one lets the others run, and none aborts the
+    /// process.
+    #[inline]
     pub(super) fn run(self) {
         let Deferred {
             wake,
             stale,
             removed_key,
         } = self;
+        // Guarded before the wake, and in separate locals: a tuple's drop is not always
+        // inlined, and would cost a call on every hand-off.
+        let removed_key = LetGo(removed_key);
+        let stale = LetGo(stale);
         if let Some(waker) = wake {
-            waker.wake();
+            foreign::run(move || waker.wake());
         }
         drop(stale);
         drop(removed_key);
@@ -148,7 +167,7 @@ impl<K> Shard<K> {
             demand: 0,
             settings,
             budget,
-            spare_line: None,
+            spare_lines: Vec::new(),
         }
     }
 
@@ -179,14 +198,13 @@ impl<K> Shard<K> {
             hash_table::Entry::Occupied(mut occupied) => {
                 let bucket = occupied.bucket_index();
                 let state = occupied.get_mut();
-                let place =
-                    state
-                        .join(&self.settings, &mut self.spare_line, since)
-                        .map(|position| Place {
-                            id: state.id,
-                            bucket: bucket_hint(bucket),
-                            position,
-                        });
+                let place = state
+                    .join(&self.settings, &mut self.spare_lines, since)
+                    .map(|position| Place {
+                        id: state.id,
+                        bucket: bucket_hint(bucket),
+                        position,
+                    });
                 (place, Some(key))
             }
             hash_table::Entry::Vacant(vacant) => {
@@ -239,9 +257,10 @@ impl<K> Shard<K> {
 
     /// The unstarted head has called the inner service: the next claim may start.
     pub(super) fn start(&mut self, hash: u64, id: u64, bucket: &mut u32) -> Deferred<K> {
+        let permits = self.settings.permits_per_key;
         let state = self.state_mut(hash, id, bucket);
         state.head_unstarted = false;
-        let wake = state.line.as_mut().and_then(|line| line.startable(false));
+        let wake = state.pass_on(permits);
         Deferred {
             wake,
             stale: None,
@@ -249,8 +268,9 @@ impl<K> Shard<K> {
         }
     }
 
-    /// A claim finished or was dropped: gives back what it held, passes free permits on
-    /// in call order, and removes the key's entry if nothing holds or waits for it.
+    /// A claim finished or was dropped: gives back what it held, passes a free permit on
+    /// to the next claim in call order, and removes the key's entry if nothing holds or
+    /// waits for it.
     #[inline]
     pub(super) fn leave(
         &mut self,
@@ -278,21 +298,14 @@ impl<K> Shard<K> {
                 waker
             }
         };
-        let line_empty = match &mut state.line {
-            Some(line) => {
-                line.grant(&mut state.holders, permits);
-                if let Some(wake) = line.startable(state.head_unstarted) {
-                    return Deferred {
-                        wake: Some(wake),
-                        stale,
-                        removed_key: None,
-                    };
-                }
-                line.is_empty()
-            }
-            None => true,
-        };
-        if state.holders > 0 || !line_empty {
+        if let Some(wake) = state.pass_on(permits) {
+            return Deferred {
+                wake: Some(wake),
+                stale,
+                removed_key: None,
+            };
+        }
+        if state.holders > 0 || state.line.as_ref().is_some_and(|line| !line.is_empty()) {
             return Deferred {
                 wake: None,
                 stale,
@@ -304,11 +317,8 @@ impl<K> Shard<K> {
         if let Some(budget) = &self.budget {
             budget.give_back();
         }
-        if let Some(mut line) = state.line {
-            if self.spare_line.is_none() {
-                line.recycle();
-                self.spare_line = Some(line);
-            }
+        if let Some(line) = state.line {
+            self.keep_line(line);
         }
         if self.keys.capacity() > RETAINED_KEYS {
             self.after_removal();
@@ -338,8 +348,10 @@ impl<K> Shard<K> {
     /// Gives table memory back after a burst, with hysteresis: the table shrinks only
     /// when it is eight times larger than the recent peak of live keys, to twice that
     /// peak, and back to `RETAINED_KEYS` when it empties after holding four times that
-    /// many. A load that swings within those bounds never reallocates. A table of
-    /// `RETAINED_KEYS` never shrinks, so this runs only for larger ones.
+    /// many. A load that swings within those bounds never reallocates. The spare lines
+    /// follow: never more than the table has room for keys, and one once the shard has
+    /// emptied after such a burst. A table of `RETAINED_KEYS` never shrinks, so this
+    /// runs only for larger ones.
     fn after_removal(&mut self) {
         let len = self.keys.len();
         let before = u32::try_from(len + 1).unwrap_or(u32::MAX >> 8);
@@ -348,16 +360,32 @@ impl<K> Shard<K> {
             .demand
             .max(before.saturating_mul(DEMAND_ONE).min(u32::MAX >> 1));
         let capacity = self.keys.capacity();
-        let target = if len == 0 && capacity > 4 * RETAINED_KEYS {
-            RETAINED_KEYS
+        let (target, lines) = if len == 0 && capacity > 4 * RETAINED_KEYS {
+            (RETAINED_KEYS, RETAINED_LINES)
         } else {
             let demand = self.demand.div_ceil(DEMAND_ONE) as usize;
             if capacity < 8 * demand {
                 return;
             }
-            (2 * demand).max(RETAINED_KEYS)
+            let target = (2 * demand).max(RETAINED_KEYS);
+            (target, target)
         };
         self.keys.shrink_to(target, |state| state.hash);
+        if self.spare_lines.len() > lines {
+            self.spare_lines.truncate(lines);
+            self.spare_lines.shrink_to_fit();
+        }
+    }
+
+    /// Keeps the empty line of a key that went idle for the next key that needs one,
+    /// while the shard keeps fewer spare lines than its table has room for keys: then a
+    /// load that makes the same number of keys queue again and again finds their lines
+    /// ready, and what an idle shard keeps is bounded by what its table keeps.
+    fn keep_line(&mut self, mut line: Box<Line>) {
+        if self.spare_lines.len() < self.keys.capacity() {
+            line.recycle();
+            self.spare_lines.push(line);
+        }
     }
 
     fn state_mut(&mut self, hash: u64, id: u64, bucket: &mut u32) -> &mut KeyState<K> {
@@ -391,38 +419,50 @@ fn entry_of<'a, K>(
 impl<K> KeyState<K> {
     /// A claim for a key that is live already: it becomes the head if the key is free,
     /// and joins the line otherwise, or is rejected when the line is full.
+    #[expect(
+        clippy::vec_box,
+        reason = "the shard's spare lines, see `Shard::spare_lines`"
+    )]
     fn join(
         &mut self,
         settings: &Settings,
-        spare_line: &mut Option<Box<Line>>,
+        spare_lines: &mut Vec<Box<Line>>,
         since: QueuedAt,
     ) -> Result<Position, Overloaded> {
         let (line_empty, waiting) = self
             .line
             .as_ref()
             .map_or((true, 0), |line| (line.is_empty(), line.waiting()));
-        let permit_free = self.holders < settings.permits_per_key;
-        if line_empty && !self.head_unstarted && permit_free {
+        if line_empty && !self.head_unstarted && self.holders < settings.permits_per_key {
             self.holders += 1;
             self.head_unstarted = true;
             return Ok(Position::Head);
         }
-        if !permit_free && waiting as usize >= settings.max_queue_per_key {
+        // It cannot start now, so it waits for its turn, without a permit (invariant 2).
+        if waiting as usize >= settings.max_queue_per_key {
             // Nothing has been changed, so rejecting leaves nothing behind.
             return Err(Overloaded::new(Limit::MaxQueuePerKey));
         }
-        if permit_free {
-            // Every waiter holds a permit (invariant 2), so the prefix stays whole.
-            self.holders += 1;
-        }
         let line = self
             .line
-            .get_or_insert_with(|| spare_line.take().unwrap_or_default());
-        let ticket = line.push(permit_free, since);
+            .get_or_insert_with(|| spare_lines.pop().unwrap_or_default());
+        let ticket = line.push(since);
         Ok(Position::Waiting {
             ticket,
             depth: line.live(),
         })
+    }
+
+    /// Grants a free permit to the front of the line if it may start now (no claim is the
+    /// unstarted head, and no waiter holds a permit already), and returns the waker of a
+    /// front waiter that holds one: it is woken to start.
+    fn pass_on(&mut self, permits: u32) -> Option<Waker> {
+        let line = self.line.as_mut()?;
+        if self.head_unstarted {
+            return None;
+        }
+        line.grant_front(&mut self.holders, permits);
+        line.startable()
     }
 
     fn line_mut(&mut self) -> &mut Line {

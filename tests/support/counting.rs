@@ -75,3 +75,43 @@ impl Service<u64> for Echo {
         ready(Ok(request))
     }
 }
+
+/// An inner service that allocates nothing and whose futures finish on their second
+/// poll, so that a request can be left running while others queue behind it.
+#[derive(Clone, Copy)]
+pub struct YieldOnce;
+
+/// The future of [`YieldOnce`]: pending once, then ready.
+pub struct SecondPoll {
+    request: u64,
+    polled: bool,
+}
+
+impl Service<u64> for YieldOnce {
+    type Response = u64;
+    type Error = std::convert::Infallible;
+    type Future = SecondPoll;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: u64) -> Self::Future {
+        SecondPoll {
+            request,
+            polled: false,
+        }
+    }
+}
+
+impl std::future::Future for SecondPoll {
+    type Output = Result<u64, std::convert::Infallible>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        if std::mem::replace(&mut self.polled, true) {
+            Poll::Ready(Ok(self.request))
+        } else {
+            Poll::Pending
+        }
+    }
+}
