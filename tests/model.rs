@@ -1,13 +1,21 @@
-//! Property test: random sequences of call / poll / drop / complete over a few keys,
-//! checked step by step against a reference model of the contract.
+//! Property test: random sequences of call / poll / drop / complete over a few keys and
+//! `Mode::Concurrent` requests, with an inner service whose readiness the test turns on
+//! and off or makes fail, checked step by step against a reference model of the contract.
 //!
-//! The model is the contract in its simplest form: per key, the requests not yet
-//! started form a FIFO in call order; a request whose key has nobody waiting and a free
-//! permit starts in `call()` (the inner service is ready); otherwise the front one starts
-//! when it is polled and fewer than `permits` of its key are running; a running request
-//! holds its permit until its response future is polled to completion or dropped. After every step the test
-//! checks the order in which the inner service was called, readiness, `stats()`, and
-//! that every request the model says may start now has been woken.
+//! The model is the contract in its simplest form. Per key, the requests not yet started
+//! form a FIFO in call order, and the front one has its *turn* while fewer than
+//! `permits` of its key are running; a Concurrent request always has its turn, whatever
+//! the keys do. A request checks the inner service's readiness only when it has its turn:
+//! once inside `call()`, then on every poll of its response future until it starts.
+//! Ready, it calls the inner service and runs, holding its permit until its response
+//! future is polled to completion or dropped. Not ready, it keeps its turn (a Sync
+//! request keeps its key) and waits. Failed, it returns the error, at once when polled or
+//! on the first poll when it failed inside `call()`, and gives its key up then.
+//!
+//! After every step the test checks the order in which the inner service was called, how
+//! often its readiness was checked, the handlers running per key, `stats()`, and that
+//! every request the model says may start now has been woken. At the end every request
+//! must complete and the layer must be idle.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -22,52 +30,93 @@ use tower_sync_engine::{Mode, SyncEngineLayer};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Call { key: u8 },
+    /// A request for `Mode::Sync(key)`, or for `Mode::Concurrent` with no key.
+    Call {
+        key: Option<u8>,
+    },
     Poll(usize),
     Drop(usize),
     Complete(usize),
+    /// From now on the inner service is ready, or not.
+    Ready(bool),
+    /// The next readiness check of the inner service fails.
+    FailReadiness,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0u8..3).prop_map(|key| Op::Call { key }),
+        3 => (0u8..3).prop_map(|key| Op::Call { key: Some(key) }),
+        1 => Just(Op::Call { key: None }),
         4 => any::<usize>().prop_map(Op::Poll),
         1 => any::<usize>().prop_map(Op::Drop),
         2 => any::<usize>().prop_map(Op::Complete),
+        1 => any::<bool>().prop_map(Op::Ready),
+        1 => Just(Op::FailReadiness),
     ]
 }
 
-/// The inner service: records when it is called; each handler finishes only once the
-/// test completes it.
-#[derive(Clone, Default)]
+/// A request: its key (`None` for a Concurrent one) and its id.
+type Request = (Option<u8>, usize);
+
+const NOT_READY: &str = "the inner service failed its readiness check";
+
+/// The inner service: records when it is called and when its readiness is checked, is
+/// ready only while the test says so, and each handler finishes only once the test
+/// completes it.
+#[derive(Clone)]
 struct Gates {
     state: Arc<Mutex<GateState>>,
 }
 
-#[derive(Default)]
 struct GateState {
     called: Vec<usize>,
     completed: HashSet<usize>,
     wakers: HashMap<usize, Waker>,
+    ready: bool,
+    fail_next: bool,
+    readiness_checks: usize,
+    /// Tasks whose readiness check found the service not ready.
+    unready: Vec<Waker>,
+    /// Handlers called and not dropped yet, by key.
+    running: HashMap<Option<u8>, usize>,
 }
 
 struct GateFuture {
+    key: Option<u8>,
     id: usize,
     gates: Gates,
 }
 
-impl Service<(u8, usize)> for Gates {
+impl Service<Request> for Gates {
     type Response = usize;
-    type Error = std::convert::Infallible;
+    type Error = &'static str;
     type Future = GateFuture;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let mut state = self.state.lock().unwrap();
+        state.readiness_checks += 1;
+        if std::mem::take(&mut state.fail_next) {
+            return Poll::Ready(Err(NOT_READY));
+        }
+        if state.ready {
+            return Poll::Ready(Ok(()));
+        }
+        if !state
+            .unready
+            .iter()
+            .any(|waker| waker.will_wake(cx.waker()))
+        {
+            state.unready.push(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
-    fn call(&mut self, (_, id): (u8, usize)) -> GateFuture {
-        self.state.lock().unwrap().called.push(id);
+    fn call(&mut self, (key, id): Request) -> GateFuture {
+        let mut state = self.state.lock().unwrap();
+        state.called.push(id);
+        *state.running.entry(key).or_default() += 1;
         GateFuture {
+            key,
             id,
             gates: self.clone(),
         }
@@ -75,7 +124,7 @@ impl Service<(u8, usize)> for Gates {
 }
 
 impl Future for GateFuture {
-    type Output = Result<usize, std::convert::Infallible>;
+    type Output = Result<usize, &'static str>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.gates.state.lock().unwrap();
@@ -87,78 +136,248 @@ impl Future for GateFuture {
     }
 }
 
+impl Drop for GateFuture {
+    fn drop(&mut self) {
+        *self
+            .gates
+            .state
+            .lock()
+            .unwrap()
+            .running
+            .get_mut(&self.key)
+            .unwrap() -= 1;
+    }
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Gates {
+            state: Arc::new(Mutex::new(GateState {
+                called: Vec::new(),
+                completed: HashSet::new(),
+                wakers: HashMap::new(),
+                ready: true,
+                fail_next: false,
+                readiness_checks: 0,
+                unready: Vec::new(),
+                running: HashMap::new(),
+            })),
+        }
+    }
+}
+
 impl Gates {
     fn complete(&self, id: usize) {
         let mut state = self.state.lock().unwrap();
         state.completed.insert(id);
-        if let Some(waker) = state.wakers.remove(&id) {
+        let waker = state.wakers.remove(&id);
+        drop(state);
+        if let Some(waker) = waker {
             waker.wake();
         }
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.state.lock().unwrap().ready = ready;
+        if ready {
+            self.wake_unready();
+        }
+    }
+
+    fn fail_next(&self) {
+        self.state.lock().unwrap().fail_next = true;
+        // The next check answers at once, so the tasks waiting for readiness must look.
+        self.wake_unready();
+    }
+
+    fn wake_unready(&self) {
+        let unready = std::mem::take(&mut self.state.lock().unwrap().unready);
+        unready.into_iter().for_each(Waker::wake);
     }
 
     fn called(&self) -> Vec<usize> {
         self.state.lock().unwrap().called.clone()
     }
+
+    fn readiness_checks(&self) -> usize {
+        self.state.lock().unwrap().readiness_checks
+    }
+
+    fn running(&self, key: Option<u8>) -> usize {
+        let state = self.state.lock().unwrap();
+        state.running.get(&key).copied().unwrap_or(0)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Status {
+    /// Not started: waits for its turn, or for readiness.
     Pending,
-    Running { completed: bool },
+    /// Its readiness check failed inside `call()`: it returns the error when polled.
+    Failed,
+    Running {
+        completed: bool,
+    },
     Done,
     Dropped,
+}
+
+/// What a poll of a response future gives.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Polled {
+    Pending,
+    Answered,
+    Failed,
 }
 
 /// The reference model.
 struct Model {
     permits: usize,
-    key_of: Vec<u8>,
+    key_of: Vec<Option<u8>>,
     status: Vec<Status>,
     not_started: HashMap<u8, VecDeque<usize>>,
-    running: HashMap<u8, usize>,
+    running: HashMap<Option<u8>, usize>,
     called: Vec<usize>,
+    ready: bool,
+    fail_next: bool,
+    readiness_checks: usize,
 }
 
 impl Model {
-    fn may_start(&self, id: usize) -> bool {
-        let key = self.key_of[id];
-        self.status[id] == Status::Pending
-            && self.not_started[&key].front() == Some(&id)
-            && self.running.get(&key).copied().unwrap_or(0) < self.permits
+    fn new(permits: usize) -> Self {
+        Model {
+            permits,
+            key_of: Vec::new(),
+            status: Vec::new(),
+            not_started: HashMap::new(),
+            running: HashMap::new(),
+            called: Vec::new(),
+            ready: true,
+            fail_next: false,
+            readiness_checks: 0,
+        }
     }
 
-    /// (keys, in_flight, queued) as the contract defines them.
+    fn running(&self, key: Option<u8>) -> usize {
+        self.running.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Nothing before the not-started request `id` keeps it from starting: no key at all,
+    /// or it is its key's first not started and fewer than `permits` of its key run.
+    fn has_turn(&self, id: usize) -> bool {
+        match self.key_of[id] {
+            None => true,
+            Some(key) => {
+                self.not_started[&key].front() == Some(&id)
+                    && self.running(Some(key)) < self.permits
+            }
+        }
+    }
+
+    /// Polled now, the request would start or fail: it must have been woken.
+    fn may_start(&self, id: usize) -> bool {
+        self.status[id] == Status::Pending && self.has_turn(id) && (self.ready || self.fail_next)
+    }
+
+    /// The request `id`, which has its turn, checks readiness and starts if it is ready.
+    fn try_start(&mut self, id: usize) -> Poll<Result<(), ()>> {
+        self.readiness_checks += 1;
+        if std::mem::take(&mut self.fail_next) {
+            return Poll::Ready(Err(()));
+        }
+        if !self.ready {
+            return Poll::Pending;
+        }
+        let key = self.key_of[id];
+        if let Some(key) = key {
+            let front = self.not_started.get_mut(&key).unwrap().pop_front();
+            assert_eq!(front, Some(id), "only the first not started may start");
+        }
+        *self.running.entry(key).or_default() += 1;
+        self.status[id] = Status::Running { completed: false };
+        self.called.push(id);
+        Poll::Ready(Ok(()))
+    }
+
+    /// A new request; returns its id.
+    fn call(&mut self, key: Option<u8>) -> usize {
+        let id = self.status.len();
+        self.key_of.push(key);
+        self.status.push(Status::Pending);
+        if let Some(key) = key {
+            self.not_started.entry(key).or_default().push_back(id);
+        }
+        if self.has_turn(id) && self.try_start(id) == Poll::Ready(Err(())) {
+            self.status[id] = Status::Failed;
+        }
+        id
+    }
+
+    fn poll(&mut self, id: usize) -> Polled {
+        match self.status[id] {
+            Status::Pending if self.has_turn(id) => match self.try_start(id) {
+                Poll::Ready(Err(())) => {
+                    self.finish(id, Status::Done);
+                    Polled::Failed
+                }
+                _ => Polled::Pending,
+            },
+            Status::Failed => {
+                self.finish(id, Status::Done);
+                Polled::Failed
+            }
+            Status::Running { completed: true } => {
+                self.finish(id, Status::Done);
+                Polled::Answered
+            }
+            _ => Polled::Pending,
+        }
+    }
+
+    /// The request ends as `status`: it leaves its key's line, or its permit is free.
+    fn finish(&mut self, id: usize, status: Status) {
+        let key = self.key_of[id];
+        match (self.status[id], key) {
+            (Status::Pending | Status::Failed, Some(key)) => {
+                self.not_started.get_mut(&key).unwrap().retain(|&x| x != id);
+            }
+            (Status::Pending | Status::Failed, None) => {}
+            (Status::Running { .. }, _) => *self.running.get_mut(&key).unwrap() -= 1,
+            (Status::Done | Status::Dropped, _) => unreachable!("its future is gone"),
+        }
+        self.status[id] = status;
+    }
+
+    /// (keys, in_flight, queued) as the contract defines them: a key's running requests
+    /// hold a permit each, and its first request not started holds one too when fewer
+    /// than `permits` run; the rest of those not started are queued. Concurrent requests
+    /// are not counted.
     fn stats(&self) -> (usize, usize, usize) {
         let mut totals = (0, 0, 0);
-        for (key, waiting) in &self.not_started {
-            let running = self.running.get(key).copied().unwrap_or(0);
-            if running + waiting.len() == 0 {
-                continue;
+        for (&key, not_started) in &self.not_started {
+            let running = self.running(Some(key));
+            let granted = usize::from(!not_started.is_empty() && running < self.permits);
+            if running + not_started.len() > 0 {
+                totals.0 += 1;
+                totals.1 += running + granted;
+                totals.2 += not_started.len() - granted;
             }
-            let holding = (running + waiting.len()).min(self.permits);
-            totals.0 += 1;
-            totals.1 += holding;
-            totals.2 += running + waiting.len() - holding;
         }
         totals
     }
 }
 
-type Future_ = Spawn<tower_sync_engine::ResponseFuture<Gates, (u8, usize), u8>>;
+type Future_ = Spawn<tower_sync_engine::ResponseFuture<Gates, Request, u8>>;
 
 fn run(permits: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let gates = Gates::default();
-    let layer = SyncEngineLayer::new(|request: &(u8, usize)| Mode::Sync(request.0))
-        .permits_per_key(permits);
+    let layer = SyncEngineLayer::new(|request: &Request| match request.0 {
+        Some(key) => Mode::Sync(key),
+        None => Mode::Concurrent,
+    })
+    .permits_per_key(permits);
     let mut service = layer.layer(gates.clone());
-    let mut model = Model {
-        permits,
-        key_of: Vec::new(),
-        status: Vec::new(),
-        not_started: HashMap::new(),
-        running: HashMap::new(),
-        called: Vec::new(),
-    };
+    let mut model = Model::new(permits);
     let mut futures: Vec<Option<Future_>> = Vec::new();
     let mut polled = Vec::new();
 
@@ -166,19 +385,9 @@ fn run(permits: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
         let count = futures.len();
         match op {
             Op::Call { key } => {
-                let id = count;
+                let id = model.call(key);
                 futures.push(Some(task::spawn(service.call((key, id)))));
                 polled.push(false);
-                model.key_of.push(key);
-                model.status.push(Status::Pending);
-                model.not_started.entry(key).or_default().push_back(id);
-                if model.may_start(id) {
-                    // The key was free: the request started inside `call()`.
-                    model.not_started.get_mut(&key).unwrap().pop_front();
-                    *model.running.entry(key).or_default() += 1;
-                    model.status[id] = Status::Running { completed: false };
-                    model.called.push(id);
-                }
             }
             Op::Poll(_) | Op::Drop(_) | Op::Complete(_) if count == 0 => continue,
             Op::Poll(i) => {
@@ -186,53 +395,29 @@ fn run(permits: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let Some(future) = futures[id].as_mut() else {
                     continue;
                 };
-                let key = model.key_of[id];
-                let expected_ready = match model.status[id] {
-                    Status::Pending if model.may_start(id) => {
-                        model.not_started.get_mut(&key).unwrap().pop_front();
-                        *model.running.entry(key).or_default() += 1;
-                        model.status[id] = Status::Running { completed: false };
-                        model.called.push(id);
-                        false
+                let expected = model.poll(id);
+                let outcome = match future.poll() {
+                    Poll::Pending => Polled::Pending,
+                    Poll::Ready(Ok(answer)) => {
+                        prop_assert_eq!(answer, id);
+                        Polled::Answered
                     }
-                    Status::Running { completed: true } => {
-                        *model.running.get_mut(&key).unwrap() -= 1;
-                        model.status[id] = Status::Done;
-                        true
+                    Poll::Ready(Err(error)) => {
+                        prop_assert_eq!(error.to_string(), NOT_READY);
+                        Polled::Failed
                     }
-                    _ => false,
                 };
-                let ready = match future.poll() {
-                    Poll::Ready(output) => {
-                        prop_assert_eq!(output.unwrap(), id);
-                        true
-                    }
-                    Poll::Pending => false,
-                };
-                prop_assert_eq!(ready, expected_ready, "poll of request {}", id);
+                prop_assert_eq!(outcome, expected, "poll of request {}", id);
                 polled[id] = true;
-                if ready {
+                if outcome != Polled::Pending {
                     futures[id] = None;
                 }
             }
             Op::Drop(i) => {
                 let id = i % count;
-                if futures[id].take().is_none() {
-                    continue;
+                if futures[id].take().is_some() {
+                    model.finish(id, Status::Dropped);
                 }
-                let key = model.key_of[id];
-                match model.status[id] {
-                    Status::Pending => {
-                        model
-                            .not_started
-                            .get_mut(&key)
-                            .unwrap()
-                            .retain(|&x| x != id);
-                    }
-                    Status::Running { .. } => *model.running.get_mut(&key).unwrap() -= 1,
-                    Status::Done | Status::Dropped => unreachable!("its future is gone"),
-                }
-                model.status[id] = Status::Dropped;
             }
             Op::Complete(i) => {
                 let id = i % count;
@@ -241,9 +426,32 @@ fn run(permits: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     gates.complete(id);
                 }
             }
+            Op::Ready(ready) => {
+                model.ready = ready;
+                gates.set_ready(ready);
+            }
+            Op::FailReadiness => {
+                model.fail_next = true;
+                gates.fail_next();
+            }
         }
 
         prop_assert_eq!(gates.called(), model.called.clone(), "inner call order");
+        prop_assert_eq!(
+            gates.readiness_checks(),
+            model.readiness_checks,
+            "readiness checks"
+        );
+        for key in [None, Some(0), Some(1), Some(2)] {
+            let running = gates.running(key);
+            prop_assert_eq!(running, model.running(key), "handlers of {:?}", key);
+            prop_assert!(
+                key.is_none() || running <= permits,
+                "{} of {:?}",
+                running,
+                key
+            );
+        }
         let stats = layer.stats();
         prop_assert_eq!((stats.keys, stats.in_flight, stats.queued), model.stats());
         for (id, future) in futures.iter().enumerate() {
@@ -259,7 +467,9 @@ fn run(permits: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
     }
 
-    // Liveness: complete everything and drive it; nothing may be left stuck.
+    // Liveness: make the inner service ready, complete everything and drive it; nothing
+    // may be left stuck.
+    gates.set_ready(true);
     for _ in 0..=futures.len() {
         for (id, slot) in futures.iter_mut().enumerate() {
             if let Some(future) = slot {
@@ -272,6 +482,9 @@ fn run(permits: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
     }
     prop_assert!(futures.iter().all(Option::is_none), "requests left stuck");
     prop_assert!(layer.stats().is_idle(), "{:?}", layer.stats());
+    for key in [None, Some(0), Some(1), Some(2)] {
+        prop_assert_eq!(gates.running(key), 0, "handlers of {:?} left", key);
+    }
     Ok(())
 }
 
@@ -292,10 +505,11 @@ proptest! {
 #[test]
 fn regression_grant_moves_past_a_dropped_granted_waiter() {
     use Op::*;
+    let key = Some(0);
     let ops = vec![
-        Call { key: 0 },
-        Call { key: 0 },
-        Call { key: 0 },
+        Call { key },
+        Call { key },
+        Call { key },
         Poll(1),
         Poll(2),
         Drop(1),
@@ -305,13 +519,38 @@ fn regression_grant_moves_past_a_dropped_granted_waiter() {
     run(2, ops).unwrap();
 }
 
+/// A free key whose inner service is not ready: the request keeps its key while a second
+/// one queues behind it and a Concurrent one runs; then its readiness check fails in its
+/// response future, and the key passes on.
+#[test]
+fn a_request_waiting_for_readiness_keeps_its_key_until_the_check_fails() {
+    use Op::*;
+    let (key, concurrent) = (Some(0), None);
+    let ops = vec![
+        Ready(false),
+        Call { key },
+        Call { key },
+        Poll(1),
+        Poll(0),
+        Ready(true),
+        Call { key: concurrent },
+        Poll(2),
+        FailReadiness,
+        Poll(0),
+        Poll(1),
+    ];
+    for permits in 1..=3 {
+        run(permits, ops.clone()).unwrap();
+    }
+}
+
 /// One key, many calls and drops, few completions: long lines with holes in the middle,
 /// so that lines are compacted while requests still wait and waiters are found by the
 /// out-of-line binary search, with every step checked against the model.
 fn long_line_op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => Just(Op::Call { key: 0 }),
-        1 => Just(Op::Call { key: 1 }),
+        6 => Just(Op::Call { key: Some(0) }),
+        1 => Just(Op::Call { key: Some(1) }),
         2 => any::<usize>().prop_map(Op::Poll),
         5 => any::<usize>().prop_map(Op::Drop),
         1 => any::<usize>().prop_map(Op::Complete),

@@ -13,11 +13,17 @@
 //! - no lost hand-off: every request that is not dropped completes (loom reports a
 //!   deadlock if a waiter is never woken);
 //! - the registry is empty once everything is done.
+//!
+//! The probe is always ready, unless a model gives it a [`Gate`]: then a request whose
+//! key is free waits for readiness holding its key, and a failed readiness check must
+//! give the key up. `Mode::Concurrent` requests (numbered from [`CONCURRENT`]) go
+//! through the same probe, and must never wait for the key.
 #![cfg(loom)]
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use loom::future::block_on;
 use loom::sync::atomic::{AtomicUsize, Ordering};
@@ -35,28 +41,38 @@ struct Probe {
     permits: usize,
     /// Requests in the order the inner service was called with them.
     called: Arc<Mutex<Vec<u32>>>,
+    /// Its readiness, when it is not always ready.
+    gate: Option<Arc<Gate>>,
 }
 
 struct ProbeFuture {
-    running: Arc<AtomicUsize>,
+    /// The handlers of the key running; `None` for a Concurrent request, which no
+    /// permit bounds.
+    running: Option<Arc<AtomicUsize>>,
     permits: usize,
     request: u32,
     entered: bool,
 }
 
+/// The error of a failed readiness check.
+const NOT_READY: &str = "the probe failed its readiness check";
+
 impl Service<u32> for Probe {
     type Response = u32;
-    type Error = std::convert::Infallible;
+    type Error = &'static str;
     type Future = ProbeFuture;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match &self.gate {
+            None => Poll::Ready(Ok(())),
+            Some(gate) => gate.poll_ready(cx),
+        }
     }
 
     fn call(&mut self, request: u32) -> ProbeFuture {
         self.called.lock().unwrap().push(request);
         ProbeFuture {
-            running: self.running.clone(),
+            running: (request < CONCURRENT).then(|| self.running.clone()),
             permits: self.permits,
             request,
             entered: false,
@@ -65,35 +81,105 @@ impl Service<u32> for Probe {
 }
 
 impl Future for ProbeFuture {
-    type Output = Result<u32, std::convert::Infallible>;
+    type Output = Result<u32, &'static str>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if !self.entered {
             self.entered = true;
-            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
-            assert!(now <= self.permits, "{now} handlers of one key at once");
+            if let Some(running) = &self.running {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                assert!(now <= self.permits, "{now} handlers of one key at once");
+            }
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
         self.entered = false;
-        self.running.fetch_sub(1, Ordering::SeqCst);
+        if let Some(running) = &self.running {
+            running.fetch_sub(1, Ordering::SeqCst);
+        }
         Poll::Ready(Ok(self.request))
     }
 }
 
 impl Drop for ProbeFuture {
     fn drop(&mut self) {
-        if self.entered {
-            self.running.fetch_sub(1, Ordering::SeqCst);
+        if let Some(running) = self.running.as_ref().filter(|_| self.entered) {
+            running.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+}
+
+/// The probe's readiness, when a model controls it: the answers to its next readiness
+/// checks, in turn, and then ready once the gate is open.
+struct Gate {
+    state: Mutex<GateState>,
+}
+
+struct GateState {
+    script: VecDeque<Answer>,
+    open: bool,
+    /// Tasks whose check found the gate closed, woken when it opens.
+    waiting: Vec<Waker>,
+}
+
+/// A scripted answer to one readiness check.
+enum Answer {
+    /// Not ready yet, but worth asking again at once: the task is woken.
+    NotYet,
+    Fail,
+}
+
+impl Gate {
+    fn new(script: impl IntoIterator<Item = Answer>, open: bool) -> Arc<Self> {
+        Arc::new(Gate {
+            state: Mutex::new(GateState {
+                script: script.into_iter().collect(),
+                open,
+                waiting: Vec::new(),
+            }),
+        })
+    }
+
+    fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<Result<(), &'static str>> {
+        let mut state = self.state.lock().unwrap();
+        match state.script.pop_front() {
+            Some(Answer::NotYet) => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Some(Answer::Fail) => Poll::Ready(Err(NOT_READY)),
+            None if state.open => Poll::Ready(Ok(())),
+            None => {
+                state.waiting.push(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Makes the probe ready, and wakes the tasks that found it closed.
+    fn open(&self) {
+        let waiting = {
+            let mut state = self.state.lock().unwrap();
+            state.open = true;
+            std::mem::take(&mut state.waiting)
+        };
+        waiting.into_iter().for_each(Waker::wake);
     }
 }
 
 type Policy = fn(&u32) -> Mode<u8>;
 type Engine = SyncEngine<Probe, Policy, u8>;
 
-fn one_key(_: &u32) -> Mode<u8> {
-    Mode::Sync(0)
+/// Requests from this number on are `Mode::Concurrent`.
+const CONCURRENT: u32 = 100;
+
+/// Every request below [`CONCURRENT`] has key 0.
+fn one_key(request: &u32) -> Mode<u8> {
+    if *request < CONCURRENT {
+        Mode::Sync(0)
+    } else {
+        Mode::Concurrent
+    }
 }
 
 /// A layer over the probe, and what it records.
@@ -106,12 +192,18 @@ struct Model {
 }
 
 fn engine(permits: usize) -> Model {
+    gated_engine(permits, None)
+}
+
+/// A model whose probe answers its readiness checks through `gate`, if given.
+fn gated_engine(permits: usize, gate: Option<Arc<Gate>>) -> Model {
     let layer = SyncEngineLayer::new(one_key as Policy).permits_per_key(permits);
     let called = Arc::new(Mutex::new(Vec::new()));
     let probe = Probe {
         running: Arc::new(AtomicUsize::new(0)),
         permits,
         called: called.clone(),
+        gate,
     };
     let service = layer.layer(probe);
     Model {
@@ -298,6 +390,102 @@ fn granted_waiters_polled_on_two_threads_start_in_call_order() {
             thread.join().unwrap();
         }
         assert_called(&called, &[0, 1, 2, 3]);
+        assert!(layer.stats().is_idle());
+    });
+}
+
+#[test]
+fn a_free_key_waits_for_readiness_while_a_second_caller_queues() {
+    for permits in [1, 2] {
+        model(3, move || {
+            let gate = Gate::new([], false);
+            let Model {
+                layer,
+                mut service,
+                called,
+                ..
+            } = gated_engine(permits, Some(gate.clone()));
+            // The key is free but the probe is not ready: the first request takes the key
+            // in `call()` and waits for readiness in its response future, holding the key
+            // while the second caller races it and the readiness arrives.
+            let first = service.call(0);
+            let mut second = service.clone();
+            let caller = thread::spawn(move || block_on(second.call(1)).unwrap());
+            let opener = thread::spawn(move || gate.open());
+            assert_eq!(block_on(first).unwrap(), 0);
+            opener.join().unwrap();
+            assert_eq!(caller.join().unwrap(), 1);
+            assert_called(&called, &[0, 1]);
+            assert!(layer.stats().is_idle());
+        });
+    }
+}
+
+#[test]
+fn a_readiness_error_in_the_response_future_passes_the_key_on() {
+    for permits in [1, 2] {
+        model(3, move || {
+            // Not ready in the first request's `call()`, failing when its response future
+            // asks again, ready from then on.
+            let gate = Gate::new([Answer::NotYet, Answer::Fail], true);
+            let Model {
+                layer,
+                mut service,
+                called,
+                ..
+            } = gated_engine(permits, Some(gate));
+            let first = service.call(0);
+            let second = service.call(1);
+            let waiter = thread::spawn(move || block_on(second).unwrap());
+            let error = block_on(first).unwrap_err();
+            assert_eq!(error.to_string(), NOT_READY);
+            assert_eq!(waiter.join().unwrap(), 1);
+            // The first request never reached the inner service, and gave its key up.
+            assert_called(&called, &[1]);
+            assert!(layer.stats().is_idle());
+        });
+    }
+}
+
+#[test]
+fn a_concurrent_request_is_not_held_up_by_a_release() {
+    model(3, || {
+        let Model {
+            layer,
+            mut service,
+            called,
+            ..
+        } = engine(1);
+        let holder = service.call(0);
+        let waiter = service.call(1);
+        let release = thread::spawn(move || {
+            drop(holder);
+            block_on(waiter).unwrap()
+        });
+        // Polled with a waker no other thread can use: had the request to wait for the
+        // key, or for anything else another thread does, it would still be pending.
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut concurrent = service.call(CONCURRENT);
+        // Its handler was called inside `call()`, and is mid-flight after one poll.
+        assert!(Pin::new(&mut concurrent).poll(&mut cx).is_pending());
+        let stats = layer.stats();
+        assert!(
+            stats.in_flight + stats.queued <= 2,
+            "the Concurrent request is counted: {stats:?}"
+        );
+        assert!(matches!(
+            Pin::new(&mut concurrent).poll(&mut cx),
+            Poll::Ready(Ok(CONCURRENT))
+        ));
+        assert_eq!(release.join().unwrap(), 1);
+        let keyed: Vec<u32> = called
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .filter(|&request| request < CONCURRENT)
+            .collect();
+        assert_eq!(keyed, [0, 1], "inner call order of the key");
         assert!(layer.stats().is_idle());
     });
 }
