@@ -112,9 +112,13 @@ impl<P, K, H> SyncEngineLayer<P, K, H> {
         self
     }
 
-    /// How many requests may wait for a busy key (default: unbounded). A request that
-    /// would wait beyond this gets [`Overloaded`](crate::error::Overloaded) at once and
-    /// leaves no trace. 0 means a request whose key is busy is always rejected.
+    /// How many requests may wait for their turn on a busy key (default: unbounded). A
+    /// request that would wait beyond this gets [`Overloaded`](crate::error::Overloaded)
+    /// at once and leaves no trace. A key is busy when a request cannot start on it at
+    /// once: every permit is taken, or an earlier request has not started yet (its inner
+    /// service not ready, or its future not polled since its turn came). 0 means a
+    /// request whose key is busy is always rejected. The requests counted are those in
+    /// [`Stats::queued`](crate::Stats::queued).
     ///
     /// # Panics
     ///

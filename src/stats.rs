@@ -45,7 +45,9 @@ pub struct Stats {
     /// start and not yet polled. With the HTTP flavour, a request holds its permit until
     /// its response body ends.
     pub in_flight: usize,
-    /// `Mode::Sync` requests waiting for a permit.
+    /// `Mode::Sync` requests waiting for their turn: behind a request that holds their
+    /// key's last permit, or behind one that has not started yet. They hold no permit;
+    /// [`max_queue_per_key`](crate::SyncEngineLayer::max_queue_per_key) bounds them.
     pub queued: usize,
 }
 
