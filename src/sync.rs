@@ -10,7 +10,9 @@ pub(crate) use loom::sync::{
 };
 
 #[cfg(not(loom))]
+pub(crate) use parking_lot::{Mutex, MutexGuard};
+#[cfg(not(loom))]
 pub(crate) use std::sync::{
-    Arc, Mutex, MutexGuard,
+    Arc,
     atomic::{AtomicUsize, Ordering},
 };

@@ -76,7 +76,7 @@
 //!    `stats()`, say) cannot deadlock it.
 //!
 //!    The one exception is `K: Eq`, which a lookup must call under the lock. It runs
-//!    before anything is changed, and the lock ignores poisoning, so it may panic; but
+//!    before anything is changed, and the lock knows no poisoning, so it may panic; but
 //!    an `Eq` that re-enters the layer waits for the lock it runs under (the crate docs
 //!    say so under "What is not guaranteed").
 //!
@@ -350,13 +350,18 @@ fn spread(hash: u64) -> u64 {
 }
 
 impl<K> ShardCell<K> {
-    /// Locks the shard, ignoring poisoning: the only foreign code that can panic under
-    /// the lock is `K::eq`, during a lookup that has changed nothing.
+    /// Locks the shard. Poisoning would mean nothing here: the only foreign code that can
+    /// panic under the lock is `K::eq`, during a lookup that has changed nothing. So the
+    /// lock is parking_lot's, which has none, and loom's is told to ignore it.
     #[inline]
     fn lock(&self) -> MutexGuard<'_, Shard<K>> {
-        self.shard
+        #[cfg(not(loom))]
+        return self.shard.lock();
+        #[cfg(loom)]
+        return self
+            .shard
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
     }
 }
 
