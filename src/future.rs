@@ -1,8 +1,7 @@
 //! The response future of [`SyncEngine`](crate::SyncEngine).
 //!
-//! A thin wrapper over the request's [`Turn`](crate::turn): when the inner future
-//! completes, the turn has already dropped it, and the claim on the key is released
-//! right here, before the output is returned.
+//! A thin wrapper over the request's [`Turn`](crate::turn): the key passes on as soon as
+//! the inner future is gone (the turn's shortcut 3), before the output is returned.
 
 use std::fmt;
 use std::future::Future;
@@ -13,7 +12,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::error::BoxError;
-use crate::turn::{Ended, TurnOf};
+use crate::turn::{Failure, Turn};
 
 pin_project! {
     /// Response future of [`SyncEngine`](crate::SyncEngine).
@@ -53,15 +52,16 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        turn: TurnOf<S, Req, K>,
+        turn: Turn<S, Req, K>,
     }
 }
 
-impl<S, Req, K> ResponseFuture<S, Req, K>
+impl<S, Req, K> From<Turn<S, Req, K>> for ResponseFuture<S, Req, K>
 where
     S: Service<Req>,
 {
-    pub(crate) fn new(turn: TurnOf<S, Req, K>) -> Self {
+    #[inline(always)]
+    fn from(turn: Turn<S, Req, K>) -> Self {
         ResponseFuture { turn }
     }
 }
@@ -76,6 +76,7 @@ where
     #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut turn = self.project().turn;
+        // PERF: layer_concurrent. The pass-through shortcut inline, the rest out of line.
         match turn.as_mut().poll_passing(cx) {
             Some(poll) => poll.map_err(Into::into),
             None => poll_to_end(turn, cx),
@@ -83,20 +84,20 @@ where
     }
 }
 
-/// Every state but a pass-through, out of line (see
-/// [`Turn::poll_passing`](crate::turn::Turn::poll_passing)).
+/// Every state but a pass-through: the turn, released as soon as the inner future is gone.
+// PERF: layer_concurrent (see `Turn::poll_passing`).
 #[inline(never)]
 fn poll_to_end<S, Req, K>(
-    turn: Pin<&mut TurnOf<S, Req, K>>,
+    turn: Pin<&mut Turn<S, Req, K>>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<S::Response, BoxError>>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
 {
-    turn.poll_released(cx).map_err(|ended| match ended {
-        Ended::Inner(error) => error.into(),
-        Ended::Rejected(overloaded) => overloaded.into(),
+    turn.poll_released(cx).map_err(|failure| match failure {
+        Failure::Inner(error) => error.into(),
+        Failure::Rejected(overloaded) => overloaded.into(),
     })
 }
 

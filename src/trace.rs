@@ -14,7 +14,7 @@
 //! clock (`tokio::time::pause`, `#[tokio::test(start_paused = true)]`) then gives exact,
 //! reproducible values.
 
-pub(crate) use self::imp::{QueuedAt, admitted, called_at, queued};
+pub(crate) use self::imp::{CalledAt, admitted, called_at, queued};
 
 #[cfg(feature = "tracing")]
 mod imp {
@@ -26,15 +26,15 @@ mod imp {
 
     /// When a request joined its key's line, if anyone listens.
     #[derive(Clone, Copy, Debug)]
-    pub(crate) struct QueuedAt(Option<Instant>);
+    pub(crate) struct CalledAt(Option<Instant>);
 
     /// The time of `call()`, if anyone listens for the events.
     #[inline]
-    pub(crate) fn called_at() -> QueuedAt {
+    pub(crate) fn called_at() -> CalledAt {
         if tracing::enabled!(target: "tower_sync_engine", Level::DEBUG) {
-            QueuedAt(Some(Instant::now()))
+            CalledAt(Some(Instant::now()))
         } else {
-            QueuedAt(None)
+            CalledAt(None)
         }
     }
 
@@ -59,7 +59,7 @@ mod imp {
 
     /// `since` is set only when the events were enabled at `call()`.
     #[inline]
-    pub(crate) fn admitted(since: QueuedAt) {
+    pub(crate) fn admitted(since: CalledAt) {
         if let Some(since) = since.0 {
             admitted_event(since);
         }
@@ -80,16 +80,16 @@ mod imp {
 #[cfg(not(feature = "tracing"))]
 mod imp {
     #[derive(Clone, Copy, Debug)]
-    pub(crate) struct QueuedAt;
+    pub(crate) struct CalledAt;
 
     #[inline]
-    pub(crate) fn called_at() -> QueuedAt {
-        QueuedAt
+    pub(crate) fn called_at() -> CalledAt {
+        CalledAt
     }
 
     #[inline]
     pub(crate) fn queued(_depth: u32) {}
 
     #[inline]
-    pub(crate) fn admitted(_since: QueuedAt) {}
+    pub(crate) fn admitted(_since: CalledAt) {}
 }

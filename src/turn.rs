@@ -1,22 +1,64 @@
-//! A request's way through the layer, shared by the response futures of every flavour.
+//! A request's way through the layer: one state machine, shared by the response futures
+//! of both flavours.
 //!
-//! [`Turn::concurrent`] and [`Turn::sync`] run inside `call()`, once the policy has
-//! classified the request; the second takes the request's place in its key's line. The
-//! turn is then driven by the response future:
+//! # The machine
 //!
-//! 1. wait for the claim's turn on the key (a `Mode::Sync` request only);
-//! 2. drive its own handle on the inner service to readiness;
-//! 3. call the inner service and drive the returned future.
+//! [`Turn`] is a request's whole life, and [`Turn::poll`] drives it: one `match` in a
+//! `loop`, an arm for every state, as in tower's `Oneshot`.
 //!
-//! Readiness is polled only after the turn has come, so a request waiting behind its key
-//! never holds inner capacity (a `Buffer` slot, a `ConcurrencyLimit` permit) that
-//! another key could use. A `Mode::Concurrent` request whose inner service is ready in
-//! `call()` is called there and starts in step 3, in the `Passing` state, which holds
-//! nothing but the inner future.
+//! | state | holds | what `poll` does |
+//! |---|---|---|
+//! | `Unstarted` | its own handle on the inner service, the request, the claim (`Mode::Sync`) | waits until the claim is the head of its key, then for inner readiness; calls the inner service and goes on to `Running` (or `Passing`, without a claim); a readiness error ends it |
+//! | `Running` | the inner future, then the claim | drives the inner future; when it completes, drops it and ends with its output and the claim |
+//! | `Passing` | the inner future | the same, for a request that holds no claim |
+//! | `Failed` | the inner service's readiness error from `call()`, and the claim | ends with the error |
+//! | `Rejected` | why a limit rejected the request in `call()` | ends with it |
+//! | `Done` | nothing | panics: the future was polled after completion |
 //!
-//! When the inner future completes, the turn drops it and hands its output back together
-//! with the claim, so that the key passes on only once the inner future is gone; the
-//! HTTP flavour keeps the claim until the response body ends.
+//! A turn ends as [`Ended`]: the inner service's answer with the claim still held, so
+//! that the caller decides when the key passes on (the plain flavour at once, the HTTP
+//! flavour when the response body ends), or the rejection. The claim is declared after
+//! the inner future in every state, so the inner future is always gone before the key
+//! passes on.
+//!
+//! Readiness is polled only once the claim is the head, so a request waiting behind its
+//! key never holds inner capacity (a `Buffer` slot, a `ConcurrencyLimit` permit) that
+//! another key could use.
+//!
+//! # Shortcuts
+//!
+//! Three entry points do part of the machine's work themselves. Each must end in the
+//! state, with the result, that the machine would have reached:
+//!
+//! 1. **Calling in `call()`.** [`Turn::concurrent`] and [`Turn::sync`] build the first
+//!    state. When the request can start at once (`Mode::Concurrent`, or a key that is
+//!    free) and the inner service is ready on a poll with a no-op waker, they call it
+//!    there and start in `Passing` or `Running`: the `Unstarted` arm would have done the
+//!    same on the first poll.
+//! 2. **A pass-through poll.** [`Turn::poll_passing`] drives a `Passing` turn and answers
+//!    `None` in every other state, so that a `Mode::Concurrent` request's poll is a
+//!    compare of the tag and the inner poll.
+//! 3. **A release in place.** [`Turn::poll_released`], for a caller that lets the key
+//!    go as soon as the inner future is gone (the plain flavour): a `Running` turn that
+//!    completes drops the inner future and then the claim where they are, instead of
+//!    moving the claim out first. Every other state goes through the machine.
+//!
+//! # Performance
+//!
+//! Each technique below protects rows of `benches/instructions.rs`, held by CI's
+//! instruction gate (`.ci/instruction-gate`, `benches/instructions.budget`); the sites
+//! carry a `// PERF:` pointer to the row.
+//!
+//! - Shortcut 2 keeps `layer_concurrent` near the raw service: driving a pass-through
+//!   request through the whole machine measured 44 instructions more per request.
+//! - A finished pass-through turn becomes `Done` through `project_replace`, which drops
+//!   the inner future in place: `Pin::set` runs the whole turn's drop glue, an
+//!   out-of-line call on every `Mode::Concurrent` request (`layer_concurrent`, 68 → 85).
+//! - `Turn::sync` builds the response future in each arm, straight from the claim: a
+//!   claim still held in a local while a call that may unwind runs (the `queued` event,
+//!   a spare key's `Drop`) must be kept in memory for the unwinding path, and is then
+//!   copied into place; the cases that call such code (`wait`, `start_notifying`) take
+//!   the claim by value in functions of their own (`layer_sync_new_key`).
 
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -27,7 +69,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::error::Overloaded;
-use crate::registry::{Admitted, Claim, Queued, Registry, let_go};
+use crate::registry::{Claim, Claimed, Queued, Registry, let_go};
 
 const POLLED_AFTER_COMPLETION: &str = "ResponseFuture polled after completion";
 
@@ -35,56 +77,44 @@ pin_project! {
     /// The state of one request; see the module docs.
     #[project = TurnProj]
     #[project_replace = TurnProjReplace]
-    pub(crate) enum Turn<S, Req, F, E, K> {
-        // A Concurrent request: nothing but the inner future. It becomes `Done` when
-        // the inner future completes.
-        Passing { #[pin] future: F },
-        // Rejected in `call()` by a limit.
+    pub(crate) enum Turn<S: Service<Req>, Req, K> {
+        Passing { #[pin] future: S::Future },
         Rejected { overloaded: Overloaded },
         Done,
         // The states that may hold a claim come last, so that dropping a turn in one of
         // the others is a single compare.
-        // Waiting for the claim's turn (a Sync request), then for readiness.
-        Waiting { service: S, request: Option<Req>, claim: Option<Claim<K>> },
-        // A Sync request that called the inner service. The claim is declared after the
-        // future, so that dropping the state drops the inner future first. When the
-        // inner future completes, the state becomes `Done`, which drops both in place
-        // in that order (the HTTP flavour takes the claim out first, for the body).
-        Running { #[pin] future: F, claim: Option<Claim<K>> },
-        // The inner service failed its readiness check in `call()`; a Sync request still
-        // holds its claim until the error is returned.
-        Failed { error: Option<E>, claim: Option<Claim<K>> },
+        Unstarted { service: S, request: Option<Req>, claim: Option<Claim<K>> },
+        Running { #[pin] future: S::Future, claim: Option<Claim<K>> },
+        Failed { error: Option<S::Error>, claim: Option<Claim<K>> },
     }
 }
 
-/// The turn of a request to the inner service `S`.
-pub(crate) type TurnOf<S, Req, K> =
-    Turn<S, Req, <S as Service<Req>>::Future, <S as Service<Req>>::Error, K>;
-
-/// How a turn ended, for a caller that has no use for the claim.
+/// How a turn ended.
 #[derive(Debug)]
-pub(crate) enum Ended<E> {
+pub(crate) enum Ended<T, E, K> {
+    /// The inner service answered, or failed its readiness check. The inner future is
+    /// gone; the claim of a `Mode::Sync` request is still held (`None` once released).
+    Answered(Result<T, E>, Option<Claim<K>>),
+    /// A limit rejected the request in `call()`.
+    Rejected(Overloaded),
+}
+
+/// Why a released turn has no response: what the plain flavour boxes into its error.
+// PERF: layer_sync_new_key. Smaller than `Ended`, so that shortcut 3 returns it in
+// registers.
+#[derive(Debug)]
+pub(crate) enum Failure<E> {
     /// The inner service failed, or failed its readiness check.
     Inner(E),
     /// A limit rejected the request in `call()`.
     Rejected(Overloaded),
 }
 
-/// How a turn ends.
-#[derive(Debug)]
-pub(crate) enum Outcome<T, E, K> {
-    /// The inner service answered (or failed its readiness check). The inner future is
-    /// gone; the claim, for a `Mode::Sync` request, is still held.
-    Answered(Result<T, E>, Option<Claim<K>>),
-    /// A limit rejected the request in `call()`.
-    Rejected(Overloaded),
-}
-
-impl<S, Req, E, K> Turn<S, Req, S::Future, E, K>
+impl<S, Req, K> Turn<S, Req, K>
 where
-    S: Service<Req, Error = E> + Clone,
+    S: Service<Req> + Clone,
 {
-    /// Starts a `Mode::Concurrent` request, inside `call()`.
+    /// Starts a `Mode::Concurrent` request, inside `call()` (shortcut 1).
     #[inline(always)]
     pub(crate) fn concurrent(inner: &mut S, request: Req) -> Self {
         // Asking without a waker is enough to learn whether the service is ready, which
@@ -98,7 +128,7 @@ where
                 error: Some(error),
                 claim: None,
             },
-            Poll::Pending => Turn::Waiting {
+            Poll::Pending => Turn::Unstarted {
                 service: take_ready_handle(inner),
                 request: Some(request),
                 claim: None,
@@ -107,60 +137,48 @@ where
     }
 
     /// Takes the place of a `Mode::Sync` request, inside `call()`, and calls the inner
-    /// service at once when the key is free. `wrap` builds the response future around
-    /// the turn.
-    ///
-    /// The common case is handled here: the claim is the head, one request per key may
-    /// run, and the inner service is ready. The others go to functions of their own that
-    /// take the claim by value. A claim that is still a local value when a call may
-    /// unwind has to stay in memory, for the unwinding path to drop it, and is then
-    /// copied into the turn; kept clear of such calls (with an inner service whose
-    /// `poll_ready` and `call` are inlined and cannot unwind), it goes from registers
-    /// straight into the response future. That is also why the response future is built
-    /// here, in each arm, and not around this function's result.
+    /// service at once when the key is free (shortcut 1). Returns the response future
+    /// `T` built around the turn.
     #[inline(always)]
-    pub(crate) fn sync<H, T>(
-        inner: &mut S,
-        registry: &Registry<K, H>,
-        key: K,
-        request: Req,
-        wrap: impl FnOnce(Self) -> T,
-    ) -> T
+    pub(crate) fn sync<H, T>(inner: &mut S, registry: &Registry<K, H>, key: K, request: Req) -> T
     where
         K: Hash + Eq,
         H: BuildHasher,
+        T: From<Self>,
     {
-        let Admitted {
+        let Claimed {
             claim,
             queued,
             spare_key,
         } = match registry.claim(key) {
-            Ok(admitted) => admitted,
-            Err(overloaded) => return wrap(Turn::Rejected { overloaded }),
+            Ok(claimed) => claimed,
+            Err(overloaded) => return T::from(Turn::Rejected { overloaded }),
         };
+        // PERF: layer_sync_new_key. The response future is built in each arm, from a
+        // claim that has not been through a call that may unwind (module docs).
         let turn = if queued.is_some() {
-            wrap(Self::wait(inner, request, claim, queued))
+            T::from(Self::wait(inner, request, claim, queued))
         } else if claim.notifies_start() {
-            wrap(Self::start_notifying(inner, request, claim))
+            T::from(Self::start_notifying(inner, request, claim))
         } else {
-            // The key was free: the turn has come already, and a ready inner service is
-            // called at once, as for a Concurrent request.
+            // The key was free: the claim is the head already, and a ready inner service
+            // is called at once, as for a Concurrent request.
             match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
-                Poll::Ready(Ok(())) => wrap(Turn::Running {
+                Poll::Ready(Ok(())) => T::from(Turn::Running {
                     future: inner.call(request),
                     claim: Some(claim),
                 }),
-                Poll::Ready(Err(error)) => wrap(Turn::Failed {
+                Poll::Ready(Err(error)) => T::from(Turn::Failed {
                     error: Some(error),
                     claim: Some(claim),
                 }),
-                Poll::Pending => wrap(Self::wait(inner, request, claim, None)),
+                Poll::Pending => T::from(Self::wait(inner, request, claim, None)),
             }
         };
-        // A key's `Drop` is foreign code, so it runs once the claim is in the turn, and
-        // while the turn is a local: a value being returned is not dropped if a drop
-        // panics on the way out (rust-lang/rust#47949), and would keep its claim. `call()`
-        // may run in a destructor while a panic unwinds, hence `let_go`.
+        // A key's `Drop` is foreign code: it runs once the claim is in the response
+        // future, and while that future is a local, since a value being returned is not
+        // dropped if a drop panics on the way out (rust-lang/rust#47949), and would keep
+        // its claim.
         let_go(spare_key);
         turn
     }
@@ -190,11 +208,12 @@ where
     /// A turn that waits for its key (`queued`) or for a ready inner service.
     #[inline(never)]
     fn wait(inner: &mut S, request: Req, claim: Claim<K>, queued: Option<Queued>) -> Self {
-        let turn = Turn::Waiting {
+        let turn = Turn::Unstarted {
             service: take_ready_handle(inner),
             request: Some(request),
             claim: Some(claim),
         };
+        // The event is foreign code: emitted once the claim is in the turn.
         if let Some(queued) = queued {
             queued.announce();
         }
@@ -209,107 +228,31 @@ fn take_ready_handle<S: Clone>(inner: &mut S) -> S {
     std::mem::replace(inner, clone)
 }
 
-impl<S, Req, E, K> Turn<S, Req, S::Future, E, K>
+impl<S, Req, K> Turn<S, Req, K>
 where
-    S: Service<Req, Error = E>,
+    S: Service<Req>,
 {
-    /// Drives the turn; the pass-through state is polled inline.
-    #[inline(always)]
+    /// The machine: drives the turn to its end from any state.
+    // PERF: layer_sync_new_key. Out of line: the shortcuts that call it stay small.
+    #[inline(never)]
     pub(crate) fn poll(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Outcome<S::Response, E, K>> {
-        match self.as_mut().project() {
-            TurnProj::Passing { future } => {
-                let output = ready!(future.poll(cx));
-                self.set(Turn::Done);
-                Poll::Ready(Outcome::Answered(output, None))
-            }
-            TurnProj::Running { future, claim } => {
-                let output = ready!(future.poll(cx));
-                let claim = claim.take();
-                // The inner future is dropped before the caller can release the claim.
-                self.set(Turn::Done);
-                Poll::Ready(Outcome::Answered(output, claim))
-            }
-            _ => self.poll_steps(cx),
-        }
-    }
-
-    /// Polls a pass-through turn: `None` in every other state, which the caller drives
-    /// with [`Turn::poll_released`]. Kept apart so that a `Mode::Concurrent` request
-    /// costs a compare of the tag and its inner poll, and nothing of the other states
-    /// (their stack, their calls) is paid for on its path.
-    #[inline(always)]
-    pub(crate) fn poll_passing(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Option<Poll<Result<S::Response, E>>> {
-        // The tag is checked before projecting, which keeps this path to a compare.
-        if !matches!(*self, Turn::Passing { .. }) {
-            return None;
-        }
-        let TurnProj::Passing { future } = self.as_mut().project() else {
-            return None;
-        };
-        let poll = future.poll(cx);
-        if poll.is_ready() {
-            // Through the projection, which drops the inner future in place and writes
-            // `Done`: `set` would call the whole turn's drop glue, which the compiler
-            // keeps out of line, so every pass-through request would pay for a call.
-            self.project_replace(Turn::Done);
-        }
-        Some(poll)
-    }
-
-    /// Drives the turn for a caller that releases the claim as soon as the inner future
-    /// is gone (the plain flavour).
-    #[inline]
-    pub(crate) fn poll_released(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<S::Response, Ended<E>>> {
-        if let TurnProj::Running { future, .. } = self.as_mut().project() {
-            let output = ready!(future.poll(cx));
-            // The inner future goes first, then the key passes on: both are dropped in
-            // place, in the order of their declaration. (Moving the claim out first
-            // would copy it for nothing.)
-            self.set(Turn::Done);
-            return Poll::Ready(output.map_err(Ended::Inner));
-        }
-        self.poll_steps(cx).map(|outcome| match outcome {
-            Outcome::Answered(output, claim) => {
-                drop(claim);
-                output.map_err(Ended::Inner)
-            }
-            Outcome::Rejected(overloaded) => Err(Ended::Rejected(overloaded)),
-        })
-    }
-
-    #[inline(never)]
-    fn poll_steps(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Outcome<S::Response, E, K>> {
+    ) -> Poll<Ended<S::Response, S::Error, K>> {
         loop {
             match self.as_mut().project() {
-                TurnProj::Passing { future } => {
-                    let output = ready!(future.poll(cx));
-                    self.set(Turn::Done);
-                    return Poll::Ready(Outcome::Answered(output, None));
-                }
-                TurnProj::Waiting {
+                TurnProj::Unstarted {
                     service,
                     request,
                     claim,
                 } => {
                     if let Some(claim) = claim {
-                        ready!(claim.poll_turn(cx));
+                        ready!(claim.poll_head(cx));
                     }
                     if let Err(error) = ready!(service.poll_ready(cx)) {
                         let claim = claim.take();
                         self.set(Turn::Done);
-                        return Poll::Ready(Outcome::Answered(Err(error), claim));
+                        return Poll::Ready(Ended::Answered(Err(error), claim));
                     }
                     let request = request.take().expect(POLLED_AFTER_COMPLETION);
                     let future = service.call(request);
@@ -330,29 +273,85 @@ where
                         claim.started();
                     }
                 }
-                TurnProj::Running { .. } => return self.poll(cx),
-                TurnProj::Rejected { overloaded } => {
-                    let overloaded = *overloaded;
+                TurnProj::Running { future, claim } => {
+                    let output = ready!(future.poll(cx));
+                    let claim = claim.take();
+                    // The inner future is dropped before the caller can release the claim.
                     self.set(Turn::Done);
-                    return Poll::Ready(Outcome::Rejected(overloaded));
+                    return Poll::Ready(Ended::Answered(output, claim));
+                }
+                TurnProj::Passing { future } => {
+                    let output = ready!(future.poll(cx));
+                    self.set(Turn::Done);
+                    return Poll::Ready(Ended::Answered(output, None));
                 }
                 TurnProj::Failed { error, claim } => {
                     let error = error.take().expect(POLLED_AFTER_COMPLETION);
                     let claim = claim.take();
                     self.set(Turn::Done);
-                    return Poll::Ready(Outcome::Answered(Err(error), claim));
+                    return Poll::Ready(Ended::Answered(Err(error), claim));
+                }
+                TurnProj::Rejected { overloaded } => {
+                    let overloaded = *overloaded;
+                    self.set(Turn::Done);
+                    return Poll::Ready(Ended::Rejected(overloaded));
                 }
                 TurnProj::Done => panic!("{POLLED_AFTER_COMPLETION}"),
             }
         }
     }
 
+    /// Shortcut 2: polls a `Passing` turn, and answers `None` in every other state.
+    // PERF: layer_concurrent
+    #[inline(always)]
+    pub(crate) fn poll_passing(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Option<Poll<Result<S::Response, S::Error>>> {
+        // PERF: layer_concurrent. The tag is compared before projecting.
+        if !matches!(*self, Turn::Passing { .. }) {
+            return None;
+        }
+        let TurnProj::Passing { future } = self.as_mut().project() else {
+            unreachable!("the tag was compared above")
+        };
+        let poll = future.poll(cx);
+        if poll.is_ready() {
+            // PERF: layer_concurrent. Drops the inner future in place (module docs).
+            self.project_replace(Turn::Done);
+        }
+        Some(poll)
+    }
+
+    /// Shortcut 3: drives the turn for a caller that releases the claim as soon as the
+    /// inner future is gone.
+    #[inline]
+    pub(crate) fn poll_released(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<S::Response, Failure<S::Error>>> {
+        if let TurnProj::Running { future, .. } = self.as_mut().project() {
+            let output = ready!(future.poll(cx));
+            // The inner future goes first, then the key passes on: both are dropped in
+            // place, in the order of their declaration.
+            self.set(Turn::Done);
+            return Poll::Ready(output.map_err(Failure::Inner));
+        }
+        self.poll(cx).map(|ended| match ended {
+            Ended::Answered(output, claim) => {
+                drop(claim);
+                output.map_err(Failure::Inner)
+            }
+            Ended::Rejected(overloaded) => Err(Failure::Rejected(overloaded)),
+        })
+    }
+
     /// What the turn is doing, for `Debug`.
     pub(crate) fn describe(&self) -> &'static str {
         match self {
             Turn::Passing { .. } => "passing through",
-            Turn::Waiting { claim: Some(_), .. } => "waiting for its key's turn or readiness",
-            Turn::Waiting { claim: None, .. } => "waiting for readiness",
+            Turn::Unstarted { claim: Some(_), .. } => "waiting for its key or readiness",
+            Turn::Unstarted { claim: None, .. } => "waiting for readiness",
             Turn::Running { .. } => "running",
             Turn::Rejected { .. } => "rejected",
             Turn::Failed { .. } => "failed",

@@ -904,9 +904,7 @@ macro_rules! every_case {
                 Case::SyncInCall => "running",
                 Case::ConcAfterReadiness | Case::ConcFailsAfterWaiting => "waiting for readiness",
                 Case::ConcFailsInCall | Case::SyncFailsInCall => "failed",
-                Case::SyncFromLine | Case::SyncFailsFromLine => {
-                    "waiting for its key's turn or readiness"
-                }
+                Case::SyncFromLine | Case::SyncFailsFromLine => "waiting for its key or readiness",
                 Case::Rejected => "rejected",
             };
             assert_eq!(debug_at_call, expected_at_call, "{case:?}");

@@ -15,7 +15,7 @@ use tower_service::Service;
 
 use super::body::ResponseBody;
 use crate::error::Overloaded;
-use crate::turn::{Outcome, Turn};
+use crate::turn::{Ended, Turn};
 
 pin_project! {
     /// Response future of [`HttpSyncEngine`](super::HttpSyncEngine).
@@ -34,15 +34,16 @@ pin_project! {
         S: Service<Request<ReqBody>>,
     {
         #[pin]
-        turn: Turn<S, Request<ReqBody>, S::Future, S::Error, K>,
+        turn: Turn<S, Request<ReqBody>, K>,
     }
 }
 
-impl<S, ReqBody, K> ResponseFuture<S, ReqBody, K>
+impl<S, ReqBody, K> From<Turn<S, Request<ReqBody>, K>> for ResponseFuture<S, ReqBody, K>
 where
     S: Service<Request<ReqBody>>,
 {
-    pub(crate) fn new(turn: Turn<S, Request<ReqBody>, S::Future, S::Error, K>) -> Self {
+    #[inline(always)]
+    fn from(turn: Turn<S, Request<ReqBody>, K>) -> Self {
         ResponseFuture { turn }
     }
 }
@@ -58,14 +59,14 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(match ready!(self.project().turn.poll(cx)) {
             // The inner future is gone; the key now belongs to the body.
-            Outcome::Answered(Ok(response), claim) => {
+            Ended::Answered(Ok(response), claim) => {
                 Ok(response.map(|body| ResponseBody::new(body, claim)))
             }
-            Outcome::Answered(Err(error), claim) => {
+            Ended::Answered(Err(error), claim) => {
                 drop(claim);
                 Err(error)
             }
-            Outcome::Rejected(overloaded) => Ok(service_unavailable(overloaded)),
+            Ended::Rejected(overloaded) => Ok(service_unavailable(overloaded)),
         })
     }
 }

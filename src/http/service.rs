@@ -28,8 +28,11 @@ use crate::stats::Stats;
 ///   with `503 Service Unavailable`, an empty body (`ResBody::default()`) and the
 ///   [`Overloaded`](crate::error::Overloaded) value in the response's extensions.
 ///
-/// Readiness is as for [`SyncEngine`](crate::SyncEngine#readiness): always ready; a
-/// request polls its own handle on the inner service once its turn has come.
+/// Readiness is as for [`SyncEngine`](crate::SyncEngine#readiness): always ready. A
+/// `Mode::Concurrent` request, and a `Mode::Sync` request whose key is free, reach the
+/// inner service inside `call()`, in the caller's thread, task and runtime; a request
+/// that waits for its key reaches it from its response future once its turn has come
+/// (see [Where the inner service runs](crate::SyncEngine#where-the-inner-service-runs)).
 ///
 /// ```
 /// use axum::body::Body;
@@ -108,8 +111,9 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<S, ReqBody, K>;
 
-    /// Always ready: inner readiness is polled by the response future once the request's
-    /// turn has come.
+    /// Always ready: inner readiness is polled for each request, inside `call()` when the
+    /// request can start at once, otherwise by its response future once its turn has
+    /// come.
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
@@ -117,9 +121,18 @@ where
     /// Classifies the request and, for `Mode::Sync`, takes its place in its key's line
     /// before returning. A request over a configured limit gets a future that resolves
     /// at once to a `503` response.
+    ///
+    /// A `Mode::Concurrent` request, and a `Mode::Sync` request whose key is free, reach
+    /// the inner service here: its `poll_ready` (with a no-op waker) and, when that is
+    /// ready, its `call` run inside this `call()`, in the caller's thread, task and
+    /// runtime, under any lock the caller holds. A request that waits for its key
+    /// reaches it from its response future once its turn has come. So make `call()`
+    /// where the inner stack can run: inside the runtime if an inner layer such as
+    /// `Timeout` needs its timer (see
+    /// [Where the inner service runs](crate::SyncEngine#where-the-inner-service-runs)).
     #[inline]
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        self.plain.start(request, ResponseFuture::new)
+        self.plain.start(request)
     }
 }
 

@@ -28,7 +28,7 @@
 use std::collections::VecDeque;
 use std::task::Waker;
 
-use crate::trace::QueuedAt;
+use crate::trace::CalledAt;
 
 /// Waiter slots a line keeps: it never shrinks below this, so that a key with a few
 /// waiters at a time does not reallocate.
@@ -53,7 +53,7 @@ struct Waiter {
     status: Status,
     waker: Option<Waker>,
     /// When its request was called, for the `admitted` event.
-    since: QueuedAt,
+    since: CalledAt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +71,7 @@ enum Status {
 pub(super) enum Polled {
     /// The waiter left the line at its front: it may start now. Carries the waker it no
     /// longer needs, and when its request was called.
-    Turn(Option<Waker>, QueuedAt),
+    Head(Option<Waker>, CalledAt),
     /// Still waiting; carries the waker replaced by the current one, if any.
     Wait(Option<Waker>),
     /// Still waiting, and the stored waker would not wake the current task; call again
@@ -97,7 +97,7 @@ impl Line {
 
     /// Adds a waiter at the back, without a permit; `since` is the time of its `call()`.
     /// Returns its ticket.
-    pub(super) fn push(&mut self, since: QueuedAt) -> u64 {
+    pub(super) fn push(&mut self, since: CalledAt) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         if self.waiting() == 0 {
@@ -160,7 +160,7 @@ impl Line {
             self.live -= 1;
             self.granted -= 1;
             self.tidy();
-            return Polled::Turn(waiter.waker, waiter.since);
+            return Polled::Head(waiter.waker, waiter.since);
         }
         let index = self.index_of(ticket);
         let waiter = &mut self.waiters[index];

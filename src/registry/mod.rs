@@ -70,7 +70,7 @@
 //!    woken, after the lock is released ([`shard::Deferred`]), and only once the claim
 //!    that caused it records what it holds; tracing events are emitted after that too.
 //!    A new claim comes back with the caller's key, when the shard kept an equal one,
-//!    and its `queued` event ([`Admitted`]): the caller lets go of both once the claim
+//!    and its `queued` event ([`Claimed`]): the caller lets go of both once the claim
 //!    is in the response future. So a panic anywhere leaves the registry as if the
 //!    request had been dropped, and a waker or key that re-enters the layer (reading
 //!    `stats()`, say) cannot deadlock it.
@@ -179,7 +179,7 @@ pub(crate) struct Claim<K> {
 enum ClaimState {
     /// In the line with `ticket`. `registered` once a waker of this claim's task is
     /// stored in the line.
-    Waiting { registered: bool },
+    InLine { registered: bool },
     /// Holds a permit. `head` while it is still marked as the unstarted head; `notify`
     /// if the shard must be told when it starts (more than one permit per key).
     Holding { head: bool, notify: bool },
@@ -267,11 +267,11 @@ where
     /// Takes `key`'s next place in call order, or rejects the request if a limit is hit.
     ///
     /// What remains to do once the claim is in its final place (dropping a spare key,
-    /// announcing a queued request) comes back with it, in [`Admitted`]: both run
+    /// announcing a queued request) comes back with it, in [`Claimed`]: both run
     /// foreign code, and a claim that is still a local value when foreign code may
     /// unwind has to be kept in memory and copied into place.
     #[inline]
-    pub(crate) fn claim(&self, key: K) -> Result<Admitted<K>, Overloaded> {
+    pub(crate) fn claim(&self, key: K) -> Result<Claimed<K>, Overloaded> {
         let hash = spread(self.hasher.hash_one(&key));
         let since = trace::called_at();
         let shards = self.shards();
@@ -294,12 +294,12 @@ where
         let (state, ticket, queued) = match place.position {
             Position::Head => (ClaimState::Holding { head: true, notify }, 0, None),
             Position::Waiting { ticket, depth } => (
-                ClaimState::Waiting { registered: false },
+                ClaimState::InLine { registered: false },
                 ticket,
                 Some(Queued { depth }),
             ),
         };
-        Ok(Admitted {
+        Ok(Claimed {
             claim: Claim {
                 state,
                 bucket: place.bucket,
@@ -317,7 +317,7 @@ where
 /// A claim just taken, with what is left to do once the claim is in place in its
 /// response future: dropping `spare_key` and announcing `queued`.
 #[must_use = "a claim gives its place up when dropped"]
-pub(crate) struct Admitted<K> {
+pub(crate) struct Claimed<K> {
     pub(crate) claim: Claim<K>,
     /// Set when the claim joined its key's line.
     pub(crate) queued: Option<Queued>,
@@ -381,10 +381,10 @@ impl<K> Claim<K> {
 
     /// Resolves once this claim is the head of its key and may call the inner service.
     #[inline]
-    pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match self.state {
             ClaimState::Holding { .. } => Poll::Ready(()),
-            ClaimState::Waiting { registered } => self.poll_waiting(registered, cx),
+            ClaimState::InLine { registered } => self.poll_waiting(registered, cx),
         }
     }
 
@@ -395,7 +395,7 @@ impl<K> Claim<K> {
         let mut fresh = (!registered).then(|| cx.waker().clone());
         loop {
             let mut shard = self.cell.lock();
-            let polled = shard.poll_turn(
+            let polled = shard.poll_head(
                 self.hash,
                 self.id,
                 &mut self.bucket,
@@ -404,7 +404,7 @@ impl<K> Claim<K> {
                 cx.waker(),
             );
             let stale = match polled {
-                Polled::Turn(stale, since) => {
+                Polled::Head(stale, since) => {
                     let notify = shard.settings().permits_per_key > 1;
                     self.state = ClaimState::Holding { head: true, notify };
                     drop(shard);
@@ -419,7 +419,7 @@ impl<K> Claim<K> {
                     continue;
                 }
             };
-            self.state = ClaimState::Waiting { registered: true };
+            self.state = ClaimState::InLine { registered: true };
             drop(shard);
             let_go_of(stale, fresh);
             return Poll::Pending;
@@ -478,7 +478,7 @@ impl<K> Drop for Claim<K> {
     #[inline]
     fn drop(&mut self) {
         let leaving = match self.state {
-            ClaimState::Waiting { .. } => Leaving::Line {
+            ClaimState::InLine { .. } => Leaving::Line {
                 ticket: self.ticket,
             },
             ClaimState::Holding { head, .. } => Leaving::Permit { was_head: head },

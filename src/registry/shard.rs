@@ -15,7 +15,7 @@ use super::line::{Line, Polled};
 use super::settings::{Settings, UNBOUNDED};
 use crate::error::{Limit, Overloaded};
 use crate::sync::{Arc, AtomicUsize, Ordering};
-use crate::trace::QueuedAt;
+use crate::trace::CalledAt;
 
 /// Table capacity a shard keeps, whatever happens: enough for the few keys a shard holds
 /// at a time under light traffic, so that they come and go without reallocating.
@@ -184,7 +184,7 @@ impl<K> Shard<K> {
         &mut self,
         hash: u64,
         key: K,
-        since: QueuedAt,
+        since: CalledAt,
     ) -> (Result<Place, Overloaded>, Option<K>)
     where
         K: Eq,
@@ -235,7 +235,7 @@ impl<K> Shard<K> {
 
     /// Polls the waiting claim `(hash, id)` with `ticket`; see [`Line::poll`]. When its
     /// turn has come, it becomes the unstarted head.
-    pub(super) fn poll_turn(
+    pub(super) fn poll_head(
         &mut self,
         hash: u64,
         id: u64,
@@ -249,7 +249,7 @@ impl<K> Shard<K> {
         let polled = state
             .line_mut()
             .poll(ticket, head_unstarted, fresh, current);
-        if let Polled::Turn(..) = polled {
+        if let Polled::Head(..) = polled {
             state.head_unstarted = true;
         }
         polled
@@ -427,7 +427,7 @@ impl<K> KeyState<K> {
         &mut self,
         settings: &Settings,
         spare_lines: &mut Vec<Box<Line>>,
-        since: QueuedAt,
+        since: CalledAt,
     ) -> Result<Position, Overloaded> {
         let (line_empty, waiting) = self
             .line
