@@ -276,12 +276,7 @@ where
         let since = trace::called_at();
         let shards = self.shards();
         let cell = &shards[(hash >> SHARD_SHIFT) as usize & (shards.len() - 1)];
-        let (placed, spare_key, notify) = {
-            let mut shard = cell.lock();
-            let notify = shard.settings().permits_per_key > 1;
-            let (placed, spare_key) = shard.claim(hash, key, since);
-            (placed, spare_key, notify)
-        };
+        let (placed, spare_key) = cell.lock().claim(hash, key, since);
         // No foreign code runs until the claim that owns the change exists; from then on
         // a panic drops the claim, which gives its place up like any dropped request.
         let place = match placed {
@@ -292,7 +287,14 @@ where
             }
         };
         let (state, ticket, queued) = match place.position {
-            Position::Head => (ClaimState::Holding { head: true, notify }, 0, None),
+            Position::Head => (
+                ClaimState::Holding {
+                    head: true,
+                    notify: self.settings.permits_per_key > 1,
+                },
+                0,
+                None,
+            ),
             Position::Waiting { ticket, depth } => (
                 ClaimState::InLine { registered: false },
                 ticket,

@@ -282,6 +282,13 @@ impl<K> Shard<K> {
         let permits = self.settings.permits_per_key;
         let mut occupied = entry_of(&mut self.keys, hash, id, bucket);
         let state = occupied.get_mut();
+        // PERF: layer_sync_new_key. The key's only request leaves and nobody waits for
+        // it, the release of every uncontended request: its entry goes at once.
+        if matches!(leaving, Leaving::Permit { .. }) && state.holders == 1 && state.line.is_none()
+        {
+            let (state, _) = occupied.remove();
+            return self.removed(state, None);
+        }
         let stale = match leaving {
             Leaving::Permit { was_head } => {
                 state.holders -= 1;
@@ -314,6 +321,13 @@ impl<K> Shard<K> {
         }
         // Idle: the entry goes in the same critical section (invariant 4).
         let (state, _) = occupied.remove();
+        self.removed(state, stale)
+    }
+
+    /// The entry of a key that went idle has been removed: gives back its place in the
+    /// key budget, keeps its line, and lets the table shrink.
+    #[inline]
+    fn removed(&mut self, state: KeyState<K>, stale: Option<Waker>) -> Deferred<K> {
         if let Some(budget) = &self.budget {
             budget.give_back();
         }
