@@ -99,17 +99,28 @@
 //!
 //! # Readiness and errors
 //!
-//! [`SyncEngine`] is always ready; each response future polls its own handle on the
-//! inner service for readiness after its turn has come (see
-//! [Readiness](SyncEngine#readiness)). The inner service must therefore be `Clone`. Errors are boxed into
-//! [`BoxError`](error::BoxError), as with tower's other fallible middleware; this
-//! crate's own error is [`error::Overloaded`].
+//! [`SyncEngine`] is always ready. A `Mode::Concurrent` request, and a `Mode::Sync`
+//! request whose key is free, reach the inner service inside `call()`: its `poll_ready`
+//! (with a no-op waker) and, when that is ready, its `call` run there, in the caller's
+//! thread, task and runtime and under any lock the caller holds. A request that waits
+//! for its key reaches it from its response future, which polls its own handle on the
+//! inner service for readiness once the turn has come; the inner service must therefore
+//! be `Clone`. So make `call()` where the inner stack can run: inside the runtime if a
+//! layer inside, such as `Timeout`, needs its timer (see
+//! [Where the inner service runs](SyncEngine#where-the-inner-service-runs)).
+//!
+//! Errors are boxed into [`BoxError`](error::BoxError), as with tower's other fallible
+//! middleware; this crate's own error is [`error::Overloaded`].
 //!
 //! # Composition
 //!
 //! - A `Timeout` **outside** this layer covers the time spent waiting for the key as
 //!   well as the handler; when it fires, the request leaves the queue.
 //! - A `Timeout` **inside** covers the handler only; when it fires, the key passes on.
+//!   It starts when the inner service is called: at `call()` for a request whose key
+//!   is free (or a `Mode::Concurrent` one), once its turn has come for a request that
+//!   waited. tower's `Timeout` starts a tokio timer in its `call`, so with it inside,
+//!   make `call()` inside the tokio runtime.
 //! - Waiting happens inside the response future, so a tracing or metrics layer outside
 //!   (such as tower-http's `TraceLayer`) counts the wait in the request's latency.
 //! - With the `builder` feature, `ServiceBuilderExt` adds
