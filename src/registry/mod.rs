@@ -149,6 +149,9 @@ pub(crate) struct Registry<K, H> {
 /// lines in pairs).
 #[repr(align(128))]
 struct ShardCell<K> {
+    /// The domain's settings, beside the lock, where every request of the shard reads
+    /// them: a claim keeps only its shard alive, not the registry.
+    settings: Settings,
     shard: Mutex<Shard<K>>,
 }
 
@@ -180,9 +183,8 @@ enum ClaimState {
     /// In the line with `ticket`. `registered` once a waker of this claim's task is
     /// stored in the line.
     InLine { registered: bool },
-    /// Holds a permit. `head` while it is still marked as the unstarted head; `notify`
-    /// if the shard must be told when it starts (more than one permit per key).
-    Holding { head: bool, notify: bool },
+    /// Holds a permit. `head` while it is still marked as the unstarted head.
+    Holding { head: bool },
 }
 
 impl<K, H> Registry<K, H> {
@@ -236,7 +238,8 @@ impl<K, H> Registry<K, H> {
             (0..count)
                 .map(|_| {
                     Arc::new(ShardCell {
-                        shard: Mutex::new(Shard::new(self.settings, budget.clone())),
+                        settings: self.settings,
+                        shard: Mutex::new(Shard::new(budget.clone())),
                     })
                 })
                 .collect()
@@ -276,7 +279,7 @@ where
         let since = trace::called_at();
         let shards = self.shards();
         let cell = &shards[(hash >> SHARD_SHIFT) as usize & (shards.len() - 1)];
-        let (placed, spare_key) = cell.lock().claim(hash, key, since);
+        let (placed, spare_key) = cell.lock().claim(&cell.settings, hash, key, since);
         // No foreign code runs until the claim that owns the change exists; from then on
         // a panic drops the claim, which gives its place up like any dropped request.
         let place = match placed {
@@ -287,14 +290,7 @@ where
             }
         };
         let (state, ticket, queued) = match place.position {
-            Position::Head => (
-                ClaimState::Holding {
-                    head: true,
-                    notify: self.settings.permits_per_key > 1,
-                },
-                0,
-                None,
-            ),
+            Position::Head => (ClaimState::Holding { head: true }, 0, None),
             Position::Waiting { ticket, depth } => (
                 ClaimState::InLine { registered: false },
                 ticket,
@@ -352,6 +348,13 @@ fn spread(hash: u64) -> u64 {
 }
 
 impl<K> ShardCell<K> {
+    /// Whether a claim that starts must tell the shard: the claims in line wait for it
+    /// when more than one request per key may run.
+    #[inline]
+    fn announces_starts(&self) -> bool {
+        self.settings.permits_per_key > 1
+    }
+
     /// Locks the shard. Poisoning would mean nothing here: the only foreign code that can
     /// panic under the lock is `K::eq`, during a lookup that has changed nothing. So the
     /// lock is parking_lot's, which has none, and loom's is told to ignore it.
@@ -372,13 +375,7 @@ impl<K> Claim<K> {
     /// per key): the claims in line wait for it.
     #[inline]
     pub(crate) fn notifies_start(&self) -> bool {
-        matches!(
-            self.state,
-            ClaimState::Holding {
-                head: true,
-                notify: true
-            }
-        )
+        matches!(self.state, ClaimState::Holding { head: true }) && self.cell.announces_starts()
     }
 
     /// Resolves once this claim is the head of its key and may call the inner service.
@@ -407,8 +404,7 @@ impl<K> Claim<K> {
             );
             let stale = match polled {
                 Polled::Head(stale, since) => {
-                    let notify = shard.settings().permits_per_key > 1;
-                    self.state = ClaimState::Holding { head: true, notify };
+                    self.state = ClaimState::Holding { head: true };
                     drop(shard);
                     let_go_of(stale, fresh);
                     trace::admitted(since);
@@ -433,20 +429,13 @@ impl<K> Claim<K> {
     pub(crate) fn started(&mut self) {
         // With one permit nobody can be granted while this claim holds the key, so
         // nobody waits for its start: the mark is cleared when it releases instead.
-        if let ClaimState::Holding {
-            head: true,
-            notify: true,
-        } = self.state
-        {
+        if self.notifies_start() {
             // The shard is told through the claim's fields, not its address, which would
             // force a claim held in registers out to memory first.
             let (bucket, deferred) = notify_started(&self.cell, self.hash, self.id, self.bucket);
             // Recorded before the deferred wake runs any foreign code (invariant 6).
             self.bucket = bucket;
-            self.state = ClaimState::Holding {
-                head: false,
-                notify: true,
-            };
+            self.state = ClaimState::Holding { head: false };
             deferred.run();
         }
     }
@@ -472,7 +461,7 @@ fn notify_started<K>(
     id: u64,
     mut bucket: u32,
 ) -> (u32, shard::Deferred<K>) {
-    let deferred = cell.lock().start(hash, id, &mut bucket);
+    let deferred = cell.lock().start(&cell.settings, hash, id, &mut bucket);
     (bucket, deferred)
 }
 
@@ -488,7 +477,7 @@ impl<K> Drop for Claim<K> {
         let deferred = self
             .cell
             .lock()
-            .leave(self.hash, self.id, &mut self.bucket, leaving);
+            .leave(&self.cell.settings, self.hash, self.id, &mut self.bucket, leaving);
         deferred.run();
     }
 }

@@ -7,7 +7,7 @@ use std::fmt;
 pub(crate) const UNBOUNDED: usize = usize::MAX;
 
 /// The settings of one ordering domain. The layer's setters check each value once; every
-/// shard keeps a copy, read under its lock.
+/// shard keeps a copy beside its lock, where its requests read it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Settings {
     /// Requests of one key between their inner call and their completion at once; at

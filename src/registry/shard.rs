@@ -12,7 +12,7 @@ use hashbrown::{HashTable, hash_table};
 
 use super::foreign::{self, LetGo};
 use super::line::{Line, Polled};
-use super::settings::{Settings, UNBOUNDED};
+use super::settings::Settings;
 use crate::error::{Limit, Overloaded};
 use crate::sync::{Arc, AtomicUsize, Ordering};
 use crate::trace::CalledAt;
@@ -42,7 +42,6 @@ pub(super) struct Shard<K> {
     /// The table shrinks only when it is far larger than this, so that a steady load that
     /// swings between a few and a few dozen keys does not reallocate back and forth.
     demand: u32,
-    settings: Settings,
     /// Live keys across every shard of the domain, against `max_keys`; only when set.
     budget: Option<Arc<KeyBudget>>,
     /// Empty lines kept from keys that went idle, for the next keys that need one; never
@@ -159,20 +158,14 @@ impl KeyBudget {
 }
 
 impl<K> Shard<K> {
-    pub(super) fn new(settings: Settings, budget: Option<Arc<KeyBudget>>) -> Self {
-        debug_assert_eq!(budget.is_some(), settings.max_keys != UNBOUNDED);
+    pub(super) fn new(budget: Option<Arc<KeyBudget>>) -> Self {
         Shard {
             keys: HashTable::new(),
             next_id: 0,
             demand: 0,
-            settings,
             budget,
             spare_lines: Vec::new(),
         }
-    }
-
-    pub(super) fn settings(&self) -> &Settings {
-        &self.settings
     }
 
     /// Takes a place for `key` in call order, or rejects the request.
@@ -182,6 +175,7 @@ impl<K> Shard<K> {
     #[inline(always)]
     pub(super) fn claim(
         &mut self,
+        settings: &Settings,
         hash: u64,
         key: K,
         since: CalledAt,
@@ -199,7 +193,7 @@ impl<K> Shard<K> {
                 let bucket = occupied.bucket_index();
                 let state = occupied.get_mut();
                 let place = state
-                    .join(&self.settings, &mut self.spare_lines, since)
+                    .join(settings, &mut self.spare_lines, since)
                     .map(|position| Place {
                         id: state.id,
                         bucket: bucket_hint(bucket),
@@ -256,8 +250,14 @@ impl<K> Shard<K> {
     }
 
     /// The unstarted head has called the inner service: the next claim may start.
-    pub(super) fn start(&mut self, hash: u64, id: u64, bucket: &mut u32) -> Deferred<K> {
-        let permits = self.settings.permits_per_key;
+    pub(super) fn start(
+        &mut self,
+        settings: &Settings,
+        hash: u64,
+        id: u64,
+        bucket: &mut u32,
+    ) -> Deferred<K> {
+        let permits = settings.permits_per_key;
         let state = self.state_mut(hash, id, bucket);
         state.head_unstarted = false;
         let wake = state.pass_on(permits);
@@ -274,12 +274,13 @@ impl<K> Shard<K> {
     #[inline]
     pub(super) fn leave(
         &mut self,
+        settings: &Settings,
         hash: u64,
         id: u64,
         bucket: &mut u32,
         leaving: Leaving,
     ) -> Deferred<K> {
-        let permits = self.settings.permits_per_key;
+        let permits = settings.permits_per_key;
         let mut occupied = entry_of(&mut self.keys, hash, id, bucket);
         let state = occupied.get_mut();
         // PERF: layer_sync_new_key. The key's only request leaves and nobody waits for
