@@ -83,11 +83,15 @@ impl<P, K, H> SyncEngineLayer<P, K, H> {
     /// # Panics
     ///
     /// If the layer has been cloned or has built a service already (see the type's docs).
+    #[track_caller]
     pub fn with_hasher<H2>(self, hasher: H2) -> SyncEngineLayer<P, K, H2> {
-        let registry = Arc::try_unwrap(self.registry)
+        // No closures on the way to a panic: `#[track_caller]` does not reach into them.
+        let Some(registry) = Arc::try_unwrap(self.registry)
             .ok()
             .and_then(|registry| registry.with_hasher(hasher))
-            .unwrap_or_else(|| already_shared("with_hasher"));
+        else {
+            already_shared("with_hasher")
+        };
         SyncEngineLayer {
             policy: self.policy,
             registry: Arc::new(registry),
@@ -101,13 +105,11 @@ impl<P, K, H> SyncEngineLayer<P, K, H> {
     ///
     /// If `permits` is 0 or greater than `u32::MAX`, or if the layer has been cloned or
     /// has built a service already.
+    #[track_caller]
     pub fn permits_per_key(mut self, permits: usize) -> Self {
-        let permits = u32::try_from(permits)
-            .ok()
-            .filter(|&permits| permits >= 1)
-            .unwrap_or_else(|| {
-                panic!("permits_per_key must be between 1 and u32::MAX, got {permits}")
-            });
+        let Some(permits) = u32::try_from(permits).ok().filter(|&permits| permits >= 1) else {
+            panic!("permits_per_key must be between 1 and u32::MAX, got {permits}")
+        };
         self.settings_mut("permits_per_key").permits_per_key = permits;
         self
     }
@@ -123,6 +125,7 @@ impl<P, K, H> SyncEngineLayer<P, K, H> {
     /// # Panics
     ///
     /// If the layer has been cloned or has built a service already.
+    #[track_caller]
     pub fn max_queue_per_key(mut self, max: usize) -> Self {
         self.settings_mut("max_queue_per_key").max_queue_per_key = max;
         self
@@ -136,6 +139,7 @@ impl<P, K, H> SyncEngineLayer<P, K, H> {
     ///
     /// If `max` is 0, which would reject every `Mode::Sync` request, or if the layer has
     /// been cloned or has built a service already.
+    #[track_caller]
     pub fn max_keys(mut self, max: usize) -> Self {
         assert!(max >= 1, "max_keys must be at least 1, got 0");
         self.settings_mut("max_keys").max_keys = max;
@@ -147,10 +151,12 @@ impl<P, K, H> SyncEngineLayer<P, K, H> {
         self.registry.stats()
     }
 
+    #[track_caller]
     fn settings_mut(&mut self, setting: &str) -> &mut Settings {
-        Arc::get_mut(&mut self.registry)
-            .and_then(Registry::settings_mut)
-            .unwrap_or_else(|| already_shared(setting))
+        match Arc::get_mut(&mut self.registry).and_then(Registry::settings_mut) {
+            Some(settings) => settings,
+            None => already_shared(setting),
+        }
     }
 }
 
@@ -182,6 +188,7 @@ impl<P, K, H> SyncEngineLayer<P, K, H> {
     }
 }
 
+#[track_caller]
 fn already_shared(setting: &str) -> ! {
     panic!(
         "SyncEngineLayer::{setting} called on a layer that is cloned or in use: \

@@ -69,6 +69,7 @@ use crate::policy::Policy;
 /// # });
 /// # drop(app);
 /// ```
+#[track_caller]
 pub fn by_header<N: AsRef<[u8]>>(name: N) -> ByHeader {
     let name = name.as_ref();
     match HeaderName::from_bytes(name) {
