@@ -5,9 +5,11 @@
 //! subscriber that wants them, no request reads the clock. A request that has to wait emits, at `DEBUG` level with target
 //! `tower_sync_engine`:
 //!
-//! - `queued`, with `queue_depth`: how many requests of its key are in its line, waiting
-//!   for their turn, itself included (so at least 1);
-//! - `admitted`, with `waited_us`: microseconds from `call()` until its turn came.
+//! - `queued`, with `queue_depth`: how many requests of its key are queued (what
+//!   [`Stats::queued`](crate::Stats::queued) counts, for that key), itself included, so at
+//!   least 1;
+//! - `admitted`, with `waited_us`: microseconds from `call()` until it became the head of
+//!   its key, free to start.
 //!
 //! The wait is timed with `std::time::Instant`, so the events need no runtime. With the
 //! `tokio-clock` feature it is timed with `tokio::time::Instant` instead: a paused tokio

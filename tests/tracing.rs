@@ -44,7 +44,7 @@ async fn waiting_requests_report_queue_depth_and_time_waited() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn queue_depth_counts_a_waiter_that_holds_a_spare_permit() {
+async fn queue_depth_counts_the_queued_requests_of_its_key() {
     use tokio_test::{assert_pending, assert_ready_ok, task};
 
     let capture = Capture::default();
@@ -67,10 +67,13 @@ async fn queue_depth_counts_a_waiter_that_holds_a_spare_permit() {
     assert_ready_ok!(first.poll());
     assert_ready_ok!(second.poll());
     capture.take();
-    // 3 finds a free permit, but 2 is still ahead of it in line: it waits, and counts
-    // itself and the request ahead.
+    // 3 finds a free permit, but 2 is still ahead of it in line: it waits. 2 holds a
+    // permit and is not queued; 3 counts itself, as `stats()` does.
     let fourth = service.call(40);
+    assert_eq!(service.stats().queued, 1);
+    assert_eq!(capture.take_summary(), [event("queued", "queue_depth", 1)]);
+    let fifth = service.call(50);
     assert_eq!(capture.take_summary(), [event("queued", "queue_depth", 2)]);
-    let (c, d) = tokio::join!(third, fourth);
-    assert_eq!((c.unwrap(), d.unwrap()), (30, 40));
+    let (c, d, e) = tokio::join!(third, fourth, fifth);
+    assert_eq!((c.unwrap(), d.unwrap(), e.unwrap()), (30, 40, 50));
 }

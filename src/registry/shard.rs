@@ -89,8 +89,8 @@ pub(super) struct Place {
 pub(super) enum Position {
     /// Holds a permit and every earlier claim has started: it may start now.
     Head,
-    /// In the line with `ticket`; `depth` claims of its key are in the line, itself
-    /// included.
+    /// In the line with `ticket`; `depth` claims of its key are queued (in the line
+    /// without a permit), itself included.
     Waiting { ticket: u64, depth: u32 },
 }
 
@@ -285,8 +285,7 @@ impl<K> Shard<K> {
         let state = occupied.get_mut();
         // PERF: layer_sync_new_key. The key's only request leaves and nobody waits for
         // it, the release of every uncontended request: its entry goes at once.
-        if matches!(leaving, Leaving::Permit { .. }) && state.holders == 1 && state.line.is_none()
-        {
+        if matches!(leaving, Leaving::Permit { .. }) && state.holders == 1 && state.line.is_none() {
             let (state, _) = occupied.remove();
             return self.removed(state, None);
         }
@@ -464,7 +463,7 @@ impl<K> KeyState<K> {
         let ticket = line.push(since);
         Ok(Position::Waiting {
             ticket,
-            depth: line.live(),
+            depth: line.waiting(),
         })
     }
 
