@@ -60,7 +60,7 @@ impl<S, Req, K> From<Turn<S, Req, K>> for ResponseFuture<S, Req, K>
 where
     S: Service<Req>,
 {
-    #[inline(always)]
+    #[inline]
     fn from(turn: Turn<S, Req, K>) -> Self {
         ResponseFuture { turn }
     }
@@ -73,7 +73,7 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
-    #[inline(always)]
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut turn = self.project().turn;
         // PERF: layer_concurrent. The pass-through shortcut inline, the rest out of line.

@@ -212,7 +212,7 @@ impl<S, P, K, H> SyncEngine<S, P, K, H> {
     /// Classifies `request` and takes its place: the first step of `call()`, shared with
     /// the HTTP flavour, whose services wrap this one. Returns the flavour's response
     /// future `T`, built around the request's [`Turn`].
-    #[inline(always)]
+    #[inline]
     pub(crate) fn start<Req, T>(&mut self, request: Req) -> T
     where
         S: Service<Req> + Clone,

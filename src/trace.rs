@@ -2,8 +2,8 @@
 //!
 //! A request that gets its key at once emits nothing, and the clock is read (in `call()`,
 //! before the request takes its place) only when these events are enabled: without a
-//! subscriber that wants them, no request reads the clock. A request that has to wait emits, at `DEBUG` level with target
-//! `tower_sync_engine`:
+//! subscriber that wants them, no request reads the clock. A request that has to wait
+//! emits, at `DEBUG` level with target `tower_sync_engine`:
 //!
 //! - `queued`, with `queue_depth`: how many requests of its key are queued (what
 //!   [`Stats::queued`](crate::Stats::queued) counts, for that key), itself included, so at
@@ -15,6 +15,12 @@
 //! `tokio-clock` feature it is timed with `tokio::time::Instant` instead: a paused tokio
 //! clock (`tokio::time::pause`, `#[tokio::test(start_paused = true)]`) then gives exact,
 //! reproducible values.
+//!
+//! # Performance
+//!
+//! A request that waits checks the level inline and builds its event out of line
+//! (`#[cold]`), so that it pays one load and compare when nobody listens
+//! (`hand_off_layer`, `layer_sync_live_key`).
 
 pub(crate) use self::imp::{CalledAt, admitted, called_at, queued};
 
@@ -40,8 +46,8 @@ mod imp {
         }
     }
 
-    /// Checks the level inline, so that a request that waits pays one load and compare
-    /// when nobody listens; the event itself is built out of line.
+    /// Emits the `queued` event if anyone listens.
+    // PERF: hand_off_layer (module docs, Performance).
     #[inline]
     pub(crate) fn queued(depth: u32) {
         if tracing::level_enabled!(Level::DEBUG) {

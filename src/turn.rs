@@ -115,7 +115,7 @@ where
     S: Service<Req> + Clone,
 {
     /// Starts a `Mode::Concurrent` request, inside `call()` (shortcut 1).
-    #[inline(always)]
+    #[inline]
     pub(crate) fn concurrent(inner: &mut S, request: Req) -> Self {
         // Asking without a waker is enough to learn whether the service is ready, which
         // most are; one that is not is asked again by the response future, with the
@@ -139,7 +139,7 @@ where
     /// Takes the place of a `Mode::Sync` request, inside `call()`, and calls the inner
     /// service at once when the key is free (shortcut 1). Returns the response future
     /// `T` built around the turn.
-    #[inline(always)]
+    #[inline]
     pub(crate) fn sync<H, T>(inner: &mut S, registry: &Registry<K, H>, key: K, request: Req) -> T
     where
         K: Hash + Eq,
@@ -185,7 +185,6 @@ where
 
     /// The key was free and more than one request per key may run: the requests in line
     /// wait for this one to start, so the shard is told once the inner service is called.
-    #[inline(never)]
     fn start_notifying(inner: &mut S, request: Req, mut claim: Claim<K>) -> Self {
         match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(())) => {
@@ -206,7 +205,6 @@ where
     }
 
     /// A turn that waits for its key (`queued`) or for a ready inner service.
-    #[inline(never)]
     fn wait(inner: &mut S, request: Req, claim: Claim<K>, queued: Option<Queued>) -> Self {
         let turn = Turn::Unstarted {
             service: take_ready_handle(inner),
@@ -303,7 +301,7 @@ where
 
     /// Shortcut 2: polls a `Passing` turn, and answers `None` in every other state.
     // PERF: layer_concurrent
-    #[inline(always)]
+    #[inline]
     pub(crate) fn poll_passing(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -42,7 +42,7 @@ impl<S, ReqBody, K> From<Turn<S, Request<ReqBody>, K>> for ResponseFuture<S, Req
 where
     S: Service<Request<ReqBody>>,
 {
-    #[inline(always)]
+    #[inline]
     fn from(turn: Turn<S, Request<ReqBody>, K>) -> Self {
         ResponseFuture { turn }
     }
@@ -55,7 +55,7 @@ where
 {
     type Output = Result<Response<ResponseBody<ResBody, K>>, S::Error>;
 
-    #[inline(always)]
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(match ready!(self.project().turn.poll(cx)) {
             // The inner future is gone; the key now belongs to the body.

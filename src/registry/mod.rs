@@ -101,6 +101,38 @@
 //! With a hasher whose output is constant (or keys whose `Hash` is), every key of a
 //! domain lands in one bucket of one shard and each request compares keys linearly:
 //! `max_keys` bounds that cost.
+//!
+//! # Performance
+//!
+//! What shapes the code for speed, for this module and `shard`, `line` and `foreign`.
+//! Each item names the rows of `benches/instructions.rs` it protects; CI's instruction
+//! gate (`.ci/instruction-gate`) holds those rows to `benches/instructions.budget`, and
+//! the sites carry a `// PERF:` pointer.
+//!
+//! - **The shards' lock is parking_lot's** (all `layer_sync_*` rows, `hand_off_layer`):
+//!   std's `Mutex` keeps poison bookkeeping on both sides of every critical section,
+//!   which the registry has no use for; 25 fewer instructions per new-key request.
+//! - **The claim's layout** (`layer_sync_new_key`): its small fields come first, in a
+//!   fixed order (`repr(C)`), so that no enum wrapping a claim (`Result`, `Option`, the
+//!   turn's states) puts its tag or payload inside the shard pointer. Written in pieces,
+//!   the pointer is read back whole right after (a move of the claim), and a load that
+//!   spans several earlier stores cannot take its value from them: a stall on every
+//!   request.
+//! - **The start notice** (`hand_off_layer`, `permits_per_key` > 1): the shard is told
+//!   through the claim's fields (`notify_started`), not its address, which would force a
+//!   claim held in registers out to memory first.
+//! - **`Shard::claim` is always inlined** into `call()`'s `Mode::Sync` step
+//!   (`layer_sync_new_key`, `layer_sync_live_key`): left to the compiler, those rows
+//!   measured 35 and 22 instructions more.
+//! - **The uncontended release** (`layer_sync_new_key`): `Shard::leave` removes the entry
+//!   at once when the key's only request leaves with nobody in line, before any of the
+//!   hand-off's bookkeeping.
+//! - **Separate guards** (`hand_off_layer`): the values a release or a poll lets go of
+//!   ([`foreign::LetGo`]) are dropped from separate locals, not a tuple, whose drop the
+//!   compiler does not always inline: a call on every hand-off.
+//! - **Rare work out of line** (`hand_off_layer`): a line's tidying checks are inline and
+//!   the tidying itself, rarely needed, is a function of its own; the same for the
+//!   binary search that finds a waiter once the line has been compacted.
 
 mod foreign;
 mod line;
@@ -158,12 +190,7 @@ struct ShardCell<K> {
 /// A request's place on its key, from `call()` until the request is done.
 ///
 /// Dropping it, in any state, gives the place up and lets the next claim in line go.
-///
-/// The small fields come first, in a fixed order (`repr(C)`), so that they share the first
-/// eight bytes and no enum wrapping a claim (`Result`, `Option`, the turn's states) puts
-/// its own tag or payload inside the shard pointer. Otherwise the pointer is written in
-/// pieces, and reading it back whole right after (a move of the claim) stalls the CPU:
-/// a load that spans several earlier stores cannot take its value from them.
+// PERF: layer_sync_new_key (the module's Performance section: the claim's layout).
 #[repr(C)]
 pub(crate) struct Claim<K> {
     state: ClaimState,
@@ -312,8 +339,23 @@ where
     }
 }
 
-/// A claim just taken, with what is left to do once the claim is in place in its
-/// response future: dropping `spare_key` and announcing `queued`.
+/// A claim just taken, and the foreign code the caller still runs for it: announcing
+/// `queued` ([`Queued::announce`], a tracing event) and letting go of `spare_key` (a
+/// key's `Drop`).
+///
+/// The claim owns its change to the shard already, so a panic in either drops the claim
+/// and gives its place up (invariant 6). What the caller must do:
+///
+/// - run both once the claim is in the value that will own it (the response future),
+///   not while building that value: a claim in a local when foreign code may unwind is
+///   kept in memory for the unwinding path and copied into place afterwards (the
+///   Performance section of `turn.rs`);
+/// - let go of `spare_key` with [`let_go`] before that value is returned, not as part
+///   of returning it: a drop that panics while a value is being returned leaks the value
+///   (rust-lang/rust#47949), and with it the claim. `tests/foreign.rs`,
+///   `a_key_whose_drop_panics_in_call_does_not_wedge_its_key`, fails when it is dropped
+///   later, and `a_subscriber_that_panics_on_queued_leaves_no_phantom_waiter` when a
+///   panicking `queued` event leaves the claim behind.
 #[must_use = "a claim gives its place up when dropped"]
 pub(crate) struct Claimed<K> {
     pub(crate) claim: Claim<K>,
@@ -430,8 +472,7 @@ impl<K> Claim<K> {
         // With one permit nobody can be granted while this claim holds the key, so
         // nobody waits for its start: the mark is cleared when it releases instead.
         if self.notifies_start() {
-            // The shard is told through the claim's fields, not its address, which would
-            // force a claim held in registers out to memory first.
+            // PERF: hand_off_layer (Performance: the start notice).
             let (bucket, deferred) = notify_started(&self.cell, self.hash, self.id, self.bucket);
             // Recorded before the deferred wake runs any foreign code (invariant 6).
             self.bucket = bucket;
@@ -442,10 +483,9 @@ impl<K> Claim<K> {
 }
 
 /// Drops the wakers a poll no longer needs. A destructor may poll while a panic unwinds,
-/// so they go through [`foreign`]. Every hand-off drops one, so this is inlined at both
-/// callers, and keeps the two in separate locals: the drop of a tuple is not always
-/// inlined, and a call costs more than the rest.
-#[inline(always)]
+/// so they go through [`foreign`].
+// PERF: hand_off_layer (Performance: separate guards).
+#[inline]
 fn let_go_of(stale: Option<Waker>, fresh: Option<Waker>) {
     let fresh = LetGo(fresh);
     drop(LetGo(stale));
@@ -454,7 +494,6 @@ fn let_go_of(stale: Option<Waker>, fresh: Option<Waker>) {
 
 /// Tells the shard that the unstarted head `(hash, id)` has called the inner service.
 /// Returns where its entry is now, and what to do once the claim has recorded it.
-#[inline(never)]
 fn notify_started<K>(
     cell: &ShardCell<K>,
     hash: u64,
@@ -474,10 +513,13 @@ impl<K> Drop for Claim<K> {
             },
             ClaimState::Holding { head, .. } => Leaving::Permit { was_head: head },
         };
-        let deferred = self
-            .cell
-            .lock()
-            .leave(&self.cell.settings, self.hash, self.id, &mut self.bucket, leaving);
+        let deferred = self.cell.lock().leave(
+            &self.cell.settings,
+            self.hash,
+            self.id,
+            &mut self.bucket,
+            leaving,
+        );
         deferred.run();
     }
 }
