@@ -41,7 +41,8 @@
 //! 3. **A release in place.** [`Turn::poll_released`], for a caller that lets the key
 //!    go as soon as the inner future is gone (the plain flavour): a `Running` turn that
 //!    completes drops the inner future and then the claim where they are, instead of
-//!    moving the claim out first. Every other state goes through the machine.
+//!    moving the claim out first. It starts an `Unstarted` turn with the machine's own
+//!    arm (`poll_start`); every other state goes through the machine.
 //!
 //! # Performance
 //!
@@ -97,6 +98,17 @@ pub(crate) enum Ended<T, E, K> {
     Answered(Result<T, E>, Option<Claim<K>>),
     /// A limit rejected the request in `call()`.
     Rejected(Overloaded),
+}
+
+/// A turn's end, its claim released.
+fn released<T, E, K>(ended: Ended<T, E, K>) -> Result<T, Failure<E>> {
+    match ended {
+        Ended::Answered(output, claim) => {
+            drop(claim);
+            output.map_err(Failure::Inner)
+        }
+        Ended::Rejected(overloaded) => Err(Failure::Rejected(overloaded)),
+    }
 }
 
 /// Why a released turn has no response: what the plain flavour boxes into its error.
@@ -239,36 +251,9 @@ where
     ) -> Poll<Ended<S::Response, S::Error, K>> {
         loop {
             match self.as_mut().project() {
-                TurnProj::Unstarted {
-                    service,
-                    request,
-                    claim,
-                } => {
-                    if let Some(claim) = claim {
-                        ready!(claim.poll_head(cx));
-                    }
-                    if let Err(error) = ready!(service.poll_ready(cx)) {
-                        let claim = claim.take();
-                        self.set(Turn::Done);
-                        return Poll::Ready(Ended::Answered(Err(error), claim));
-                    }
-                    let request = request.take().expect(POLLED_AFTER_COMPLETION);
-                    let future = service.call(request);
-                    let Some(claim) = claim.take() else {
-                        self.set(Turn::Passing { future });
-                        continue;
-                    };
-                    self.set(Turn::Running {
-                        future,
-                        claim: Some(claim),
-                    });
-                    // Told once the state owns both: if the notice's wake panics, the
-                    // inner future is still dropped before the claim, by the state.
-                    if let TurnProj::Running {
-                        claim: Some(claim), ..
-                    } = self.as_mut().project()
-                    {
-                        claim.started();
+                TurnProj::Unstarted { .. } => {
+                    if let Some(failed) = ready!(self.as_mut().poll_start(cx)) {
+                        return Poll::Ready(failed);
                     }
                 }
                 TurnProj::Running { future, claim } => {
@@ -299,6 +284,51 @@ where
         }
     }
 
+    /// The `Unstarted` arm of the machine, shared with shortcut 3: waits until the claim
+    /// is the head and the inner service is ready, and calls it. Answers `None` once the
+    /// turn is `Running` (or `Passing`, without a claim), and how it ended if readiness
+    /// failed.
+    fn poll_start(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Ended<S::Response, S::Error, K>>> {
+        let TurnProj::Unstarted {
+            service,
+            request,
+            claim,
+        } = self.as_mut().project()
+        else {
+            return Poll::Ready(None);
+        };
+        if let Some(claim) = claim {
+            ready!(claim.poll_head(cx));
+        }
+        if let Err(error) = ready!(service.poll_ready(cx)) {
+            let claim = claim.take();
+            self.set(Turn::Done);
+            return Poll::Ready(Some(Ended::Answered(Err(error), claim)));
+        }
+        let request = request.take().expect(POLLED_AFTER_COMPLETION);
+        let future = service.call(request);
+        let Some(claim) = claim.take() else {
+            self.set(Turn::Passing { future });
+            return Poll::Ready(None);
+        };
+        self.set(Turn::Running {
+            future,
+            claim: Some(claim),
+        });
+        // Told once the state owns both: if the notice's wake panics, the inner future is
+        // still dropped before the claim, by the state.
+        if let TurnProj::Running {
+            claim: Some(claim), ..
+        } = self.as_mut().project()
+        {
+            claim.started();
+        }
+        Poll::Ready(None)
+    }
+
     /// Shortcut 2: polls a `Passing` turn, and answers `None` in every other state.
     // PERF: layer_concurrent
     #[inline]
@@ -325,23 +355,49 @@ where
     /// inner future is gone.
     #[inline]
     pub(crate) fn poll_released(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<S::Response, Failure<S::Error>>> {
+        if !matches!(*self, Turn::Running { .. }) {
+            return self.poll_released_from_other_states(cx);
+        }
+        self.poll_running_released(cx)
+    }
+
+    /// Shortcut 3 in every state but `Running`. A request that waited starts with the
+    /// machine's own arm and goes on as `Running`, so that its claim too is released in
+    /// place; the other states go through the machine.
+    // PERF: layer_sync_new_key. Out of line, so that shortcut 3 stays small for the
+    // requests that never wait.
+    #[inline(never)]
+    fn poll_released_from_other_states(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<S::Response, Failure<S::Error>>> {
-        if let TurnProj::Running { future, .. } = self.as_mut().project() {
-            let output = ready!(future.poll(cx));
-            // The inner future goes first, then the key passes on: both are dropped in
-            // place, in the order of their declaration.
-            self.set(Turn::Done);
-            return Poll::Ready(output.map_err(Failure::Inner));
-        }
-        self.poll(cx).map(|ended| match ended {
-            Ended::Answered(output, claim) => {
-                drop(claim);
-                output.map_err(Failure::Inner)
+        if matches!(*self, Turn::Unstarted { .. }) {
+            if let Some(failed) = ready!(self.as_mut().poll_start(cx)) {
+                return Poll::Ready(released(failed));
             }
-            Ended::Rejected(overloaded) => Err(Failure::Rejected(overloaded)),
-        })
+            if matches!(*self, Turn::Running { .. }) {
+                return self.poll_running_released(cx);
+            }
+        }
+        self.poll(cx).map(released)
+    }
+
+    /// Polls a `Running` turn; when the inner future completes, drops it and then the
+    /// claim in place, in the order of their declaration.
+    #[inline(always)]
+    fn poll_running_released(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<S::Response, Failure<S::Error>>> {
+        let TurnProj::Running { future, .. } = self.as_mut().project() else {
+            unreachable!("polled as running in another state")
+        };
+        let output = ready!(future.poll(cx));
+        self.set(Turn::Done);
+        Poll::Ready(output.map_err(Failure::Inner))
     }
 
     /// What the turn is doing, for `Debug`.

@@ -9,6 +9,9 @@ use tower_sync_engine::{Mode, SyncEngineLayer};
 
 type Layer = SyncEngineLayer<fn(&u64) -> Mode<u64>, u64>;
 
+/// A setting, and a way to get it wrong.
+type Case = (&'static str, Box<dyn Fn()>);
+
 fn layer() -> Layer {
     SyncEngineLayer::new(|n: &u64| Mode::Sync(*n))
 }
@@ -34,7 +37,7 @@ fn a_setting_that_panics_points_at_the_callers_line() {
             .unwrap_or_default();
         record.lock().unwrap().push((message, location));
     }));
-    let cases: [(&str, Box<dyn Fn()>); 6] = [
+    let cases: [Case; 6] = [
         (
             "permits_per_key",
             Box::new(|| drop(layer().permits_per_key(0))),
