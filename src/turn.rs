@@ -100,6 +100,9 @@ pub(crate) enum Ended<T, E, K> {
     Rejected(Overloaded),
 }
 
+/// How the turn of a request to `S` ended.
+type EndOf<S, Req, K> = Ended<<S as Service<Req>>::Response, <S as Service<Req>>::Error, K>;
+
 /// A turn's end, its claim released.
 fn released<T, E, K>(ended: Ended<T, E, K>) -> Result<T, Failure<E>> {
     match ended {
@@ -248,7 +251,7 @@ where
     pub(crate) fn poll(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Ended<S::Response, S::Error, K>> {
+    ) -> Poll<EndOf<S, Req, K>> {
         loop {
             match self.as_mut().project() {
                 TurnProj::Unstarted { .. } => {
@@ -291,7 +294,7 @@ where
     fn poll_start(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Ended<S::Response, S::Error, K>>> {
+    ) -> Poll<Option<EndOf<S, Req, K>>> {
         let TurnProj::Unstarted {
             service,
             request,
