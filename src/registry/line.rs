@@ -204,38 +204,44 @@ impl Line {
     // PERF: hand_off_layer (registry Performance: rare work out of line).
     #[inline]
     fn tidy(&mut self) {
-        let len = self.waiters.len();
-        let live = self.live as usize;
-        let front_gone = self
-            .waiters
-            .front()
-            .is_some_and(|front| front.status == Status::Gone);
-        let compact = len - live > live && len > RETAINED_WAITERS;
-        let capacity = self.waiters.capacity();
-        let shrink = capacity > RETAINED_WAITERS && len * 8 <= capacity;
-        if front_gone || compact || shrink {
+        if self.front_is_gone() || self.needs_compaction() || self.needs_shrinking() {
             self.tidy_now();
         }
     }
 
     fn tidy_now(&mut self) {
-        while self
-            .waiters
-            .front()
-            .is_some_and(|front| front.status == Status::Gone)
-        {
+        while self.front_is_gone() {
             self.waiters.pop_front();
         }
-        let len = self.waiters.len();
-        let live = self.live as usize;
-        if len - live > live && len > RETAINED_WAITERS {
+        if self.needs_compaction() {
             self.waiters.retain(|waiter| waiter.status != Status::Gone);
         }
-        let len = self.waiters.len();
-        let capacity = self.waiters.capacity();
-        if capacity > RETAINED_WAITERS && len * 8 <= capacity {
+        if self.needs_shrinking() {
+            let len = self.waiters.len();
             self.waiters.shrink_to((len * 2).max(RETAINED_WAITERS));
         }
+    }
+
+    /// The front waiter's request was dropped (invariant 2 wants it popped).
+    #[inline]
+    fn front_is_gone(&self) -> bool {
+        self.waiters
+            .front()
+            .is_some_and(|front| front.status == Status::Gone)
+    }
+
+    /// Gone waiters outnumber the live ones, in a line longer than it keeps anyway.
+    #[inline]
+    fn needs_compaction(&self) -> bool {
+        let (len, live) = (self.waiters.len(), self.live as usize);
+        len - live > live && len > RETAINED_WAITERS
+    }
+
+    /// The line holds at most an eighth of its room, and more room than it keeps.
+    #[inline]
+    fn needs_shrinking(&self) -> bool {
+        let capacity = self.waiters.capacity();
+        capacity > RETAINED_WAITERS && self.waiters.len() * 8 <= capacity
     }
 
     /// Moves `first_waiting` to the first waiting waiter at or after `index`.
