@@ -248,10 +248,7 @@ where
     /// The machine: drives the turn to its end from any state.
     // PERF: layer_sync_new_key. Out of line: the shortcuts that call it stay small.
     #[inline(never)]
-    pub(crate) fn poll(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<EndOf<S, Req, K>> {
+    pub(crate) fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<EndOf<S, Req, K>> {
         loop {
             match self.as_mut().project() {
                 TurnProj::Unstarted { .. } => {

@@ -138,6 +138,8 @@ mod foreign;
 mod line;
 mod settings;
 mod shard;
+#[cfg(test)]
+mod test_rng;
 
 use std::hash::{BuildHasher, Hash};
 use std::num::NonZeroUsize;

@@ -492,3 +492,6 @@ impl<K> KeyState<K> {
 fn bucket_hint(index: usize) -> u32 {
     u32::try_from(index).unwrap_or(u32::MAX)
 }
+
+#[cfg(test)]
+mod tests;

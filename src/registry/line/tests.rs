@@ -6,39 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Wake, Waker};
 
 use super::{Line, Polled, RETAINED_WAITERS, Status};
+use crate::registry::test_rng::Rng;
 use crate::trace::called_at;
 
 impl Line {
     /// Waiter slots allocated, live, gone or free.
     fn capacity(&self) -> usize {
         self.waiters.capacity()
-    }
-}
-
-/// xorshift64: enough to vary the operations, and the same run for the same seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        // Spread small seeds over the bits; xorshift never leaves 0.
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn percent(&mut self, chance: u64) -> bool {
-        self.next() % 100 < chance
     }
 }
 
