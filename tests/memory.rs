@@ -340,8 +340,9 @@ fn shards() -> isize {
 }
 
 /// What an idle shard keeps at most, with `u64` keys and the default features: a table
-/// with room for 28 keys, and as many empty lines, each with room for 8 waiters.
-const IDLE_SHARD_BOUND: isize = 15 * 1024;
+/// with room for 28 keys, and an empty line for each key the shard has room for (its 4
+/// slots and the table's 28), each with room for 8 waiters.
+const IDLE_SHARD_BOUND: isize = 16 * 1024;
 
 /// From a fresh domain: whatever the burst, once it has drained the domain keeps at most
 /// `IDLE_SHARD_BOUND` per shard, and a burst larger than what a shard keeps is given back

@@ -8,9 +8,8 @@
 
 use std::task::Waker;
 
-use hashbrown::{HashTable, hash_table};
-
 use super::foreign::{self, LetGo};
+use super::keys::{Entry, Keys};
 use super::line::{Line, Polled};
 use super::settings::Settings;
 use crate::error::{Limit, Overloaded};
@@ -33,7 +32,7 @@ const DEMAND_ONE: u32 = 256;
 
 /// The state of every live key that hashes to this shard.
 pub(super) struct Shard<K> {
-    keys: HashTable<KeyState<K>>,
+    keys: Keys<KeyState<K>>,
     /// Identifies a key's entry for the lifetime of that entry. A claim finds its entry
     /// again by `(hash, id)`, so releasing never compares keys, and a claim can never
     /// touch a later entry for the same key.
@@ -160,7 +159,7 @@ impl KeyBudget {
 impl<K> Shard<K> {
     pub(super) fn new(budget: Option<Arc<KeyBudget>>) -> Self {
         Shard {
-            keys: HashTable::new(),
+            keys: Keys::new(),
             next_id: 0,
             demand: 0,
             budget,
@@ -186,46 +185,37 @@ impl<K> Shard<K> {
     {
         // `K::eq` runs here, before anything is changed; growing the table for the
         // insertion below is not a change any claim owns.
-        match self
-            .keys
-            .entry(hash, |state| state.key == key, |state| state.hash)
-        {
-            hash_table::Entry::Occupied(mut occupied) => {
-                let bucket = occupied.bucket_index();
-                let state = occupied.get_mut();
-                let place = state
-                    .join(settings, &mut self.spare_lines, since)
-                    .map(|position| Place {
-                        id: state.id,
-                        bucket: bucket_hint(bucket),
-                        position,
-                    });
-                (place, Some(key))
-            }
-            hash_table::Entry::Vacant(vacant) => {
-                if let Some(budget) = &self.budget {
-                    if !budget.try_take() {
-                        return (Err(Overloaded::new(Limit::MaxKeys)), Some(key));
-                    }
-                }
-                let id = self.next_id;
-                self.next_id += 1;
-                let entry = vacant.insert(KeyState {
-                    key,
-                    hash,
-                    id,
-                    holders: 1,
-                    head_unstarted: true,
-                    line: None,
+        if let Some((state, bucket)) = self.keys.find(hash, |state| state.key == key) {
+            let place = state
+                .join(settings, &mut self.spare_lines, since)
+                .map(|position| Place {
+                    id: state.id,
+                    bucket,
+                    position,
                 });
-                let place = Place {
-                    id,
-                    bucket: bucket_hint(entry.bucket_index()),
-                    position: Position::Head,
-                };
-                (Ok(place), None)
+            return (place, Some(key));
+        }
+        if let Some(budget) = &self.budget {
+            if !budget.try_take() {
+                return (Err(Overloaded::new(Limit::MaxKeys)), Some(key));
             }
         }
+        let id = self.next_id;
+        self.next_id += 1;
+        let (_, bucket) = self.keys.insert(KeyState {
+            key,
+            hash,
+            id,
+            holders: 1,
+            head_unstarted: true,
+            line: None,
+        });
+        let place = Place {
+            id,
+            bucket,
+            position: Position::Head,
+        };
+        (Ok(place), None)
     }
 
     /// Polls the waiting claim `(hash, id)` with `ticket`; see [`Line::poll`]. When its
@@ -282,12 +272,11 @@ impl<K> Shard<K> {
         leaving: Leaving,
     ) -> Deferred<K> {
         let permits = settings.permits_per_key;
-        let mut occupied = entry_of(&mut self.keys, hash, id, bucket);
-        let state = occupied.get_mut();
+        let state = self.keys.get_mut(hash, id, bucket);
         // PERF: layer_sync_new_key. The key's only request leaves and nobody waits for
         // it, the release of every uncontended request: its entry goes at once.
         if matches!(leaving, Leaving::Permit { .. }) && state.holders == 1 && state.line.is_none() {
-            let (state, _) = occupied.remove();
+            let state = self.keys.remove(hash, id, bucket);
             return self.removed(state, None);
         }
         let stale = match leaving {
@@ -321,7 +310,7 @@ impl<K> Shard<K> {
             };
         }
         // Idle: the entry goes in the same critical section (invariant 4).
-        let (state, _) = occupied.remove();
+        let state = self.keys.remove(hash, id, bucket);
         self.removed(state, stale)
     }
 
@@ -335,7 +324,7 @@ impl<K> Shard<K> {
         if let Some(line) = state.line {
             self.keep_line(line);
         }
-        if self.keys.capacity() > RETAINED_KEYS {
+        if self.keys.table().capacity() > RETAINED_KEYS {
             self.after_removal();
         }
         Deferred {
@@ -370,11 +359,12 @@ impl<K> Shard<K> {
     fn after_removal(&mut self) {
         let len = self.keys.len();
         let before = u32::try_from(len + 1).unwrap_or(u32::MAX >> 8);
+        let table = self.keys.table();
         self.demand -= self.demand >> DEMAND_DECAY_SHIFT;
         self.demand = self
             .demand
             .max(before.saturating_mul(DEMAND_ONE).min(u32::MAX >> 1));
-        let capacity = self.keys.capacity();
+        let capacity = table.capacity();
         let (target, lines) = if len == 0 && capacity > 4 * RETAINED_KEYS {
             (RETAINED_KEYS, RETAINED_LINES)
         } else {
@@ -385,7 +375,8 @@ impl<K> Shard<K> {
             let target = (2 * demand).max(RETAINED_KEYS);
             (target, target)
         };
-        self.keys.shrink_to(target, |state| state.hash);
+        table.shrink_to(target, |state| state.hash);
+        let lines = lines.min(self.keys.room());
         if self.spare_lines.len() > lines {
             self.spare_lines.truncate(lines);
             self.spare_lines.shrink_to_fit();
@@ -397,38 +388,27 @@ impl<K> Shard<K> {
     /// load that makes the same number of keys queue again and again finds their lines
     /// ready, and what an idle shard keeps is bounded by what its table keeps.
     fn keep_line(&mut self, mut line: Box<Line>) {
-        if self.spare_lines.len() < self.keys.capacity() {
+        if self.spare_lines.len() < self.keys.room() {
             line.recycle();
             self.spare_lines.push(line);
         }
     }
 
     fn state_mut(&mut self, hash: u64, id: u64, bucket: &mut u32) -> &mut KeyState<K> {
-        entry_of(&mut self.keys, hash, id, bucket).into_mut()
+        self.keys.get_mut(hash, id, bucket)
     }
 }
 
-/// The entry `(hash, id)` of `keys`. `hint` is the bucket where it was; it is updated if
-/// the table has been resized since (invariant 4 makes the entry's presence certain).
-#[inline]
-fn entry_of<'a, K>(
-    keys: &'a mut HashTable<KeyState<K>>,
-    hash: u64,
-    id: u64,
-    hint: &mut u32,
-) -> hash_table::OccupiedEntry<'a, KeyState<K>> {
-    let keys = match keys.get_bucket_entry(*hint as usize) {
-        Ok(entry) if entry.get().id == id => return entry,
-        Ok(entry) => entry.into_table(),
-        Err(absent) => absent.into_table(),
-    };
-    let index = keys
-        .find_bucket_index(hash, |state| state.id == id)
-        .expect("a live claim's key entry is present");
-    *hint = bucket_hint(index);
-    keys.get_bucket_entry(index)
-        .ok()
-        .expect("a live claim's key entry is present")
+impl<K> Entry for KeyState<K> {
+    #[inline]
+    fn hash(&self) -> u64 {
+        self.hash
+    }
+
+    #[inline]
+    fn id(&self) -> u64 {
+        self.id
+    }
 }
 
 impl<K> KeyState<K> {
@@ -485,12 +465,6 @@ impl<K> KeyState<K> {
             .as_mut()
             .expect("a waiting claim's key has a line")
     }
-}
-
-/// A bucket index as a claim keeps it. A table of more than `u32::MAX` buckets would only
-/// make the hint miss, and the entry is then found by its hash.
-fn bucket_hint(index: usize) -> u32 {
-    u32::try_from(index).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
