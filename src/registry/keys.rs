@@ -16,7 +16,7 @@
 //! Lookups by key check every slot and then, if it holds anything, the table. Each key is
 //! in exactly one place, so the order does not matter for correctness.
 
-use hashbrown::HashTable;
+use hashbrown::{HashTable, hash_table};
 
 /// Keys a shard keeps in slots of its own before it uses its table.
 pub(super) const INLINE_KEYS: usize = 4;
@@ -92,40 +92,43 @@ impl<T: Entry> Keys<T> {
     #[inline]
     pub(super) fn get_mut(&mut self, hash: u64, id: u64, hint: &mut u32) -> &mut T {
         let place = self.locate(hash, id, hint);
+        self.at(place)
+    }
+
+    /// The entry at `place`, which [`locate`](Self::locate) found.
+    #[inline]
+    pub(super) fn at(&mut self, place: Place) -> &mut T {
         match place {
-            Place::Slot(index) => self.slots[index]
-                .as_mut()
-                .expect("a live claim's key entry is present"),
+            Place::Slot(index) => self.slots[index].as_mut(),
             Place::Bucket(bucket) => self
                 .table
                 .get_bucket_entry(bucket)
                 .ok()
-                .expect("a live claim's key entry is present")
-                .into_mut(),
+                .map(hash_table::OccupiedEntry::into_mut),
         }
+        .expect("a live claim's key entry is present")
     }
 
-    /// Removes the live entry `(hash, id)`.
-    #[inline]
-    pub(super) fn remove(&mut self, hash: u64, id: u64, hint: &mut u32) -> T {
-        match self.locate(hash, id, hint) {
-            Place::Slot(index) => self.slots[index]
-                .take()
-                .expect("a live claim's key entry is present"),
-            Place::Bucket(bucket) => {
-                let occupied = self
-                    .table
-                    .get_bucket_entry(bucket)
-                    .ok()
-                    .expect("a live claim's key entry is present");
-                occupied.remove().0
-            }
+    /// Removes the entry at `place`, which [`locate`](Self::locate) found.
+    // PERF: layer_sync_new_key. Inlined into the release: a call measured 44
+    // instructions per request.
+    #[inline(always)]
+    pub(super) fn remove(&mut self, place: Place) -> T {
+        match place {
+            Place::Slot(index) => self.slots[index].take(),
+            Place::Bucket(bucket) => self
+                .table
+                .get_bucket_entry(bucket)
+                .ok()
+                .map(|occupied| occupied.remove().0),
         }
+        .expect("a live claim's key entry is present")
     }
 
-    /// Where the live entry `(hash, id)` is: where `hint` says, or found by its hash.
+    /// Where the live entry `(hash, id)` is: where `hint` says, or found by its hash;
+    /// `hint` is updated if the entry was not where it said.
     #[inline]
-    fn locate(&mut self, hash: u64, id: u64, hint: &mut u32) -> Place {
+    pub(super) fn locate(&mut self, hash: u64, id: u64, hint: &mut u32) -> Place {
         if *hint & SLOT != 0 {
             let index = (*hint & !SLOT) as usize;
             if self
@@ -184,7 +187,8 @@ impl<T: Entry> Keys<T> {
 }
 
 /// Where an entry is.
-enum Place {
+#[derive(Clone, Copy)]
+pub(super) enum Place {
     Slot(usize),
     Bucket(usize),
 }

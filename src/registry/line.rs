@@ -201,8 +201,9 @@ impl Line {
     /// Pops gone waiters off the front (invariant 2), compacts the line once gone
     /// waiters outnumber the live ones, and gives memory back once the line is mostly
     /// empty.
-    // PERF: hand_off_layer (registry Performance: rare work out of line).
-    #[inline]
+    // PERF: layer_sync_live_key, hand_off_layer (registry Performance: rare work out of
+    // line; a call measured 22 and 17 instructions more).
+    #[inline(always)]
     fn tidy(&mut self) {
         if self.front_is_gone() || self.needs_compaction() || self.needs_shrinking() {
             self.tidy_now();

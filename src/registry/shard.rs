@@ -116,7 +116,9 @@ impl<K> Deferred<K> {
     /// Runs from a claim's `Drop` too, possibly while a panic unwinds, so every step goes
     /// through [`foreign`]: a panic of one lets the others run, and none aborts the
     /// process.
-    #[inline]
+    // PERF: layer_sync_live_key, hand_off_layer (registry Performance: separate guards,
+    // inlined).
+    #[inline(always)]
     pub(super) fn run(self) {
         let Deferred {
             wake,
@@ -272,11 +274,12 @@ impl<K> Shard<K> {
         leaving: Leaving,
     ) -> Deferred<K> {
         let permits = settings.permits_per_key;
-        let state = self.keys.get_mut(hash, id, bucket);
+        let place = self.keys.locate(hash, id, bucket);
+        let state = self.keys.at(place);
         // PERF: layer_sync_new_key. The key's only request leaves and nobody waits for
         // it, the release of every uncontended request: its entry goes at once.
         if matches!(leaving, Leaving::Permit { .. }) && state.holders == 1 && state.line.is_none() {
-            let state = self.keys.remove(hash, id, bucket);
+            let state = self.keys.remove(place);
             return self.removed(state, None);
         }
         let stale = match leaving {
@@ -310,7 +313,7 @@ impl<K> Shard<K> {
             };
         }
         // Idle: the entry goes in the same critical section (invariant 4).
-        let state = self.keys.remove(hash, id, bucket);
+        let state = self.keys.remove(place);
         self.removed(state, stale)
     }
 
