@@ -1,6 +1,14 @@
 //! The [`SyncEngine`] service.
 //!
 //! Readiness is documented on [`SyncEngine`] itself, where users read it.
+//!
+//! # Performance
+//!
+//! `call()` classifies the request inline and runs the `Mode::Sync` step out of line
+//! (`start_sync`), so that a `Mode::Concurrent` request does not pay for that step's
+//! saved registers and larger stack frame, which the compiler would otherwise share
+//! with the pass-through arm (`layer_concurrent` in `benches/instructions.rs`, held by
+//! CI's instruction gate).
 
 use std::fmt;
 use std::hash::{BuildHasher, Hash, RandomState};
@@ -228,8 +236,7 @@ impl<S, P, K, H> SyncEngine<S, P, K, H> {
     }
 
     /// The `Mode::Sync` step of [`start`](Self::start).
-    // PERF: layer_concurrent. Out of line, so that a `Mode::Concurrent` request does not
-    // pay for the registers and stack of this step.
+    // PERF: layer_concurrent (module docs, Performance).
     #[inline(never)]
     fn start_sync<Req, T>(&mut self, key: K, request: Req) -> T
     where
