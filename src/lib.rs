@@ -103,24 +103,26 @@
 //! request whose key is free, reach the inner service inside `call()`: its `poll_ready`
 //! (with a no-op waker) and, when that is ready, its `call` run there, in the caller's
 //! thread, task and runtime and under any lock the caller holds. A request that waits
-//! for its key reaches it from its response future, which polls its own handle on the
-//! inner service for readiness once the turn has come; the inner service must therefore
-//! be `Clone`. So make `call()` where the inner stack can run: inside the runtime if a
-//! layer inside, such as `Timeout`, needs its timer (see
+//! for its key, or whose inner service was not ready in `call()`, reaches it from its
+//! response future, which polls its own handle on the inner service for readiness once
+//! the turn has come; the inner service must therefore be `Clone`. So make `call()`
+//! where the inner stack can run: inside the runtime if a layer inside, such as
+//! `Timeout`, needs its timer (see
 //! [Where the inner service runs](SyncEngine#where-the-inner-service-runs)).
 //!
 //! Errors are boxed into [`BoxError`](error::BoxError), as with tower's other fallible
-//! middleware; this crate's own error is [`error::Overloaded`].
+//! middleware; this crate's own error is [`error::Overloaded`]. The HTTP flavour keeps
+//! the inner service's error type instead (see [With axum](#with-axum)).
 //!
 //! # Composition
 //!
 //! - A `Timeout` **outside** this layer covers the time spent waiting for the key as
 //!   well as the handler; when it fires, the request leaves the queue.
 //! - A `Timeout` **inside** covers the handler only; when it fires, the key passes on.
-//!   It starts when the inner service is called: at `call()` for a request whose key
-//!   is free (or a `Mode::Concurrent` one), once its turn has come for a request that
-//!   waited. tower's `Timeout` starts a tokio timer in its `call`, so with it inside,
-//!   make `call()` inside the tokio runtime.
+//!   It starts when the inner service is called: in `call()` for a request whose key
+//!   is free (or a `Mode::Concurrent` one) when the inner stack is ready then, and once
+//!   its turn has come for a request that waited. tower's `Timeout` starts a tokio timer
+//!   in its `call`, so with it inside, make `call()` inside the tokio runtime.
 //! - Waiting happens inside the response future, so a tracing or metrics layer outside
 //!   (such as tower-http's `TraceLayer`) counts the wait in the request's latency.
 //! - With the `builder` feature, `ServiceBuilderExt` adds
@@ -175,10 +177,12 @@
 //! - `builder` (default): `ServiceBuilderExt`, which adds `.sync_engine(policy)` to
 //!   tower's `ServiceBuilder`.
 //! - `tracing` (default): `DEBUG` events with target `tower_sync_engine` for requests
-//!   that wait for their key: `queued` with the key's `queue_depth`, and `admitted` with
-//!   `waited_us`, the microseconds between `call()` and the request's turn. Requests that
-//!   get their key at once emit nothing. The wait is timed with `std::time::Instant`:
-//!   like the layer itself, the default features work with any runtime, or none.
+//!   that wait for their key: `queued` with `queue_depth`, the requests of its key that
+//!   wait for their turn, itself included (what [`Stats::queued`] counts), and
+//!   `admitted` with `waited_us`, the microseconds between `call()` and the request's
+//!   turn. Requests that get their key at once emit nothing. The wait is timed with
+//!   `std::time::Instant`: like the layer itself, the default features work with any
+//!   runtime, or none.
 //! - `http` (default): the HTTP flavour, `SyncEngineLayer::for_http()`, in the `http`
 //!   module: responses answer overloads with `503`, keep the inner service's error type,
 //!   and hold a session's key until the response body ends; `by_header` and

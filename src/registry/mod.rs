@@ -171,9 +171,9 @@ use crate::sync::{Arc, Mutex, MutexGuard};
 use crate::trace;
 
 /// Shards per available core. Two workers spraying requests over random keys collide on
-/// a shard with probability about 1/shards per request, and a collision on a std
-/// `Mutex` can cost a futex round trip; 32 per core keeps that rare. An idle shard costs
-/// 128 bytes.
+/// a shard with probability about 1/shards per request, and a collision on the shard's
+/// lock can cost a futex round trip; 32 per core keeps that rare. An idle shard costs
+/// about 520 bytes: its cell (lock, settings, slots) and the pointer to it.
 const SHARDS_PER_CORE: usize = 32;
 
 /// Upper bound on the shard count.

@@ -354,10 +354,10 @@ impl<K> Shard<K> {
 
     /// Gives table memory back after a burst, with hysteresis: the table shrinks only
     /// when it is eight times larger than the recent peak of live keys, to twice that
-    /// peak, and back to `RETAINED_KEYS` when it empties after holding four times that
-    /// many. A load that swings within those bounds never reallocates. The spare lines
-    /// follow: never more than the table has room for keys, and one once the shard has
-    /// emptied after such a burst. A table of `RETAINED_KEYS` never shrinks, so this
+    /// peak, and back to `RETAINED_KEYS` when the shard empties while its table has room
+    /// for more than four times that many. A load that swings within those bounds never
+    /// reallocates. The spare lines follow: never more than the shard has room for keys,
+    /// and one once the shard has emptied that way. A table of `RETAINED_KEYS` never shrinks, so this
     /// runs only for larger ones.
     fn after_removal(&mut self) {
         let len = self.keys.len();
