@@ -116,9 +116,9 @@
 //! - **A shard's first keys live in its own slots** ([`keys`]; `layer_sync_live_key`,
 //!   `hand_off_layer`, and two workers sharing a layer): an uncontended request then
 //!   writes only the shard's own lines and its reference count, not a table's control
-//!   bytes and bucket besides. Two workers on random keys of one layer did 1.23–1.30×
-//!   the work of one with the slots, 0.77–0.80× without (`cargo bench --bench
-//!   sync_engine -- multi_thread` measures the same through tokio).
+//!   bytes and bucket besides. Two workers on random keys of one layer did 1.16–1.18×
+//!   the work of one with the slots, against 0.78–0.79× before (BENCHMARKS.md, "Two
+//!   workers, one layer").
 //! - **The claim's layout** (`layer_sync_new_key`): its small fields come first, in a
 //!   fixed order (`repr(C)`), so that no enum wrapping a claim (`Result`, `Option`, the
 //!   turn's states) puts its tag or payload inside the shard pointer. Written in pieces,
