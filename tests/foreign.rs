@@ -11,41 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use support::Key;
 use support::capture::Capture;
 use tokio_test::{assert_pending, assert_ready_ok, task};
 use tower::{Layer, Service, service_fn};
 use tower_sync_engine::{Mode, SyncEngineLayer};
 #[cfg(feature = "tracing")]
 use tracing::instrument::WithSubscriber;
-
-/// A key whose `Drop` panics when `explosive` is set. Equal and hashed by `id` only.
-#[derive(Debug)]
-struct Key {
-    id: u64,
-    explosive: bool,
-}
-
-impl PartialEq for Key {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
-    }
-}
-
-impl Eq for Key {}
-
-impl Hash for Key {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.id.hash(state);
-    }
-}
-
-impl Drop for Key {
-    fn drop(&mut self) {
-        if self.explosive && !std::thread::panicking() {
-            panic!("injected: a key's drop panicked");
-        }
-    }
-}
 
 /// A request: its key and whether the key's value panics when dropped.
 #[derive(Debug, Clone, Copy)]

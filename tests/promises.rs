@@ -23,6 +23,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use futures::FutureExt;
+use support::{KEY_DROP_PANIC, Key};
 use tokio_test::{assert_pending, assert_ready_ok, task};
 use tower::{BoxError, Layer, Service, service_fn};
 use tower_sync_engine::{Mode, Stats, SyncEngineLayer};
@@ -175,39 +176,8 @@ fn a_concurrent_request_made_under_a_shards_lock_takes_no_lock() {
 // `call()`, poll or drop that ran it, and the registry ends whole.
 // ---------------------------------------------------------------------------------------
 
-const KEY_DROP_PANIC: &str = "injected: a key's drop panicked";
 const WAKER_DROP_PANIC: &str = "injected: a waker's drop panicked";
 const WAKE_PANIC: &str = "injected: a waker's wake panicked";
-
-/// A key whose `Drop` panics when `explosive` is set (outside of any unwinding). Equal and
-/// hashed by `id` only.
-#[derive(Debug)]
-struct Key {
-    id: u64,
-    explosive: bool,
-}
-
-impl PartialEq for Key {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
-    }
-}
-
-impl Eq for Key {}
-
-impl Hash for Key {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.id.hash(state);
-    }
-}
-
-impl Drop for Key {
-    fn drop(&mut self) {
-        if self.explosive && !std::thread::panicking() {
-            panic!("{KEY_DROP_PANIC}");
-        }
-    }
-}
 
 /// A request on key 1: its name, and whether its copy of the key panics when dropped.
 type Explosive = (u64, bool);

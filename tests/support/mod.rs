@@ -193,3 +193,36 @@ impl Rng {
         self.below(100) < percent
     }
 }
+
+/// What the `Drop` of an explosive [`Key`] panics with.
+pub const KEY_DROP_PANIC: &str = "injected: a key's drop panicked";
+
+/// A key whose `Drop` panics when `explosive` is set, outside of any unwinding. Equal and
+/// hashed by `id` only, so an explosive key and a harmless one are the same key.
+#[derive(Debug)]
+pub struct Key {
+    pub id: u64,
+    pub explosive: bool,
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
+}
+
+impl Drop for Key {
+    fn drop(&mut self) {
+        if self.explosive && !std::thread::panicking() {
+            panic!("{KEY_DROP_PANIC}");
+        }
+    }
+}
