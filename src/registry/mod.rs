@@ -152,7 +152,7 @@ mod line;
 mod settings;
 mod shard;
 #[cfg(test)]
-mod test_rng;
+mod testing;
 
 use std::hash::{BuildHasher, Hash};
 use std::num::NonZeroUsize;

@@ -3,10 +3,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::task::{Wake, Waker};
+use std::task::Waker;
 
 use super::{Line, Polled, RETAINED_WAITERS, Status};
-use crate::registry::test_rng::Rng;
+use crate::registry::testing::{Rng, Task};
 use crate::trace::called_at;
 
 impl Line {
@@ -25,21 +25,6 @@ enum Who {
 
 /// Tasks other than the waiters' own, which a waiter's future may move to.
 const FOREIGN_TASKS: u64 = 1 << 40;
-
-struct Task {
-    id: u64,
-    woken: Arc<Mutex<Vec<u64>>>,
-}
-
-impl Wake for Task {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.lock().unwrap().push(self.id);
-    }
-}
 
 /// One waker per task, so that clones of it `will_wake` each other, and a record of the
 /// tasks woken through any of them.

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::task::{Wake, Waker};
+use std::task::Waker;
 
 use super::{
     Deferred, KeyBudget, KeyState, Leaving, Place, Position, RETAINED_KEYS, RETAINED_LINES, Shard,
@@ -14,7 +14,7 @@ use crate::error::Limit;
 use crate::registry::keys::INLINE_KEYS;
 use crate::registry::line::{Line, Polled};
 use crate::registry::settings::{Settings, UNBOUNDED};
-use crate::registry::test_rng::Rng;
+use crate::registry::testing::{Rng, Task};
 use crate::trace::called_at;
 
 impl<K> Shard<K> {
@@ -45,22 +45,6 @@ impl KeyBudget {
     /// Keys that hold a place in the budget.
     fn live(&self) -> usize {
         self.live.load(Ordering::Relaxed)
-    }
-}
-
-/// A task whose wakes are counted in a log shared by every task of a run.
-struct Task {
-    id: usize,
-    woken: Arc<Mutex<Vec<usize>>>,
-}
-
-impl Wake for Task {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.lock().unwrap().push(self.id);
     }
 }
 
