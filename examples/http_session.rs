@@ -16,6 +16,18 @@
 //! curl -sN -H 'x-session-id: alice' 'http://127.0.0.1:3000/report?lines=3&ms=500' > /dev/null & sleep 0.1; curl -s -H 'x-session-id: alice' http://127.0.0.1:3000/status; wait
 //! ```
 //!
+//! With the crate's `metrics` feature, `GET /metrics` is the Prometheus text page of the
+//! layer's metrics (domain `sessions`), rendered by `metrics-exporter-prometheus`; the
+//! gauges are sampled on each request for the page:
+//!
+//! ```sh
+//! cargo run --example http_session --features metrics -- --addr 127.0.0.1:3000
+//!
+//! # Two requests wait behind a slow one, then the page shows them.
+//! for tag in a b c; do curl -sX POST -H 'x-session-id: alice' "http://127.0.0.1:3000/work?ms=300&tag=$tag" -o /dev/null & done; wait
+//! curl -s http://127.0.0.1:3000/metrics | grep '^tower_sync_engine'
+//! ```
+//!
 //! The stack, outermost first: `TraceLayer`; `explain_overload`, which gives the `503`
 //! that the ordering layer answers an overload with a text body; a 2 s `TimeoutLayer`
 //! (answering `408`), which covers the wait for the session and the handler up to its
@@ -108,20 +120,62 @@ where
     }
 }
 
+/// The process's Prometheus recorder, installed on first use, with the layer's metrics
+/// described and its wait histogram in buckets (without buckets the exporter renders a
+/// summary, whose quantiles cannot be aggregated across instances).
+#[cfg(feature = "metrics")]
+fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    use tower_sync_engine::metrics::WAIT_SECONDS;
+
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let buckets = [0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5];
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(WAIT_SECONDS.to_owned()), &buckets)
+            .expect("buckets are not empty")
+            .install_recorder()
+            .expect("no other recorder is installed");
+        tower_sync_engine::metrics::describe();
+        handle
+    })
+}
+
 /// The routes behind one layer value: they share one ordering domain, so a session's
 /// requests are ordered across all of them.
 pub fn app(max_queue_per_session: usize) -> Router {
     let session = by_header(SESSION);
     let by_session = SyncEngineLayer::new(move |request: &Request| {
-        // The status page needs no order, and must answer while a session is busy.
-        if request.uri().path() == "/status" {
+        // The status and metrics pages need no order, and must answer while a session is
+        // busy.
+        if matches!(request.uri().path(), "/status" | "/metrics") {
             Mode::Concurrent
         } else {
             session.classify(request)
         }
     })
-    .max_queue_per_key(max_queue_per_session)
-    .for_http();
+    .max_queue_per_key(max_queue_per_session);
+    #[cfg(feature = "metrics")]
+    let by_session = by_session.metrics_domain("sessions");
+    #[cfg(feature = "metrics")]
+    let page = {
+        let (handle, sampler) = (prometheus(), by_session.metrics_sampler());
+        move || async move {
+            // The gauges are set here, when they are read, not by every request.
+            sampler.sample();
+            handle.run_upkeep();
+            handle.render()
+        }
+    };
+    #[cfg(not(feature = "metrics"))]
+    let page = || async {
+        (
+            StatusCode::NOT_FOUND,
+            "built without the metrics feature: cargo run --example http_session --features metrics\n",
+        )
+    };
+    let by_session = by_session.for_http();
     let domain = by_session.clone();
 
     Router::new()
@@ -132,6 +186,7 @@ pub fn app(max_queue_per_session: usize) -> Router {
             "/status",
             get(move || async move { format!("{:?}\n", domain.stats()) }),
         )
+        .route("/metrics", get(page))
         .layer(
             ServiceBuilder::new()
                 .layer(TraceLayer::new_for_http())

@@ -11,7 +11,7 @@ mod sealed {
     impl<L> Sealed<L> for tower::ServiceBuilder<L> {}
 }
 
-/// Adds this crate's layer to tower's [`ServiceBuilder`](tower::ServiceBuilder).
+/// Adds this crate's layer to tower's [`ServiceBuilder`].
 ///
 /// The trait is sealed: it is implemented for `ServiceBuilder` only.
 ///
@@ -33,8 +33,11 @@ mod sealed {
 /// ```
 ///
 /// For settings such as `max_queue_per_key`, build the layer and add it with
-/// [`ServiceBuilder::layer`](tower::ServiceBuilder::layer); keep a clone of it to read
-/// its [`stats`](SyncEngineLayer::stats).
+/// [`ServiceBuilder::layer`]; keep a clone of it to read its
+/// [`stats`](SyncEngineLayer::stats).
+///
+/// [`ServiceBuilder`]: https://docs.rs/tower/0.5/tower/builder/struct.ServiceBuilder.html
+/// [`ServiceBuilder::layer`]: https://docs.rs/tower/0.5/tower/builder/struct.ServiceBuilder.html#method.layer
 #[cfg_attr(docsrs, doc(cfg(feature = "builder")))]
 pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     /// Orders requests with [`SyncEngineLayer::new(policy)`](SyncEngineLayer::new):

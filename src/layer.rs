@@ -160,6 +160,42 @@ impl<P, K, H> SyncEngineLayer<P, K, H> {
     }
 }
 
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+impl<P, K, H> SyncEngineLayer<P, K, H> {
+    /// Names this ordering domain in its metrics: every metric it records, and every gauge
+    /// its [`metrics_sampler`](Self::metrics_sampler) sets, carries the label
+    /// `domain="name"`, which tells two domains of one process apart. Without a name, the
+    /// metrics have no `domain` label. See the [`metrics`](crate::metrics) module.
+    ///
+    /// The name is `'static` because it is copied, without allocating, into every shard's
+    /// settings and every label; a name made at run time can be leaked once per domain
+    /// with [`String::leak`].
+    ///
+    /// # Panics
+    ///
+    /// If the layer has been cloned or has built a service already.
+    #[track_caller]
+    pub fn metrics_domain(mut self, name: &'static str) -> Self {
+        self.settings_mut("metrics_domain").metrics_domain = crate::metrics::Domain::named(name);
+        self
+    }
+
+    /// A sampler that sets this domain's gauges from its current counts, each time it is
+    /// told to: on each scrape of the metrics, or on an interval. See
+    /// [`MetricsSampler`](crate::metrics::MetricsSampler).
+    ///
+    /// The sampler shares the domain, as a clone of the layer does: configure the layer
+    /// first.
+    pub fn metrics_sampler(&self) -> crate::metrics::MetricsSampler
+    where
+        K: Send + 'static,
+        H: Send + Sync + 'static,
+    {
+        crate::metrics::MetricsSampler::new(Arc::clone(&self.registry))
+    }
+}
+
 #[cfg(feature = "http")]
 impl<P, K, H> SyncEngineLayer<P, K, H> {
     /// The HTTP flavour of this layer, in **the same ordering domain**: its services take

@@ -105,7 +105,8 @@
 //! thread, task and runtime and under any lock the caller holds. A request that waits
 //! for its key, or whose inner service was not ready in `call()`, reaches it from its
 //! response future, which polls its own handle on the inner service for readiness once
-//! the turn has come; the inner service must therefore be `Clone`. So make `call()`
+//! the turn has come; the inner service must therefore be `Clone` (tower's `Buffer` puts
+//! one that is not behind a handle that is, as the README shows). So make `call()`
 //! where the inner stack can run: inside the runtime if a layer inside, such as
 //! `Timeout`, needs its timer (see
 //! [Where the inner service runs](SyncEngine#where-the-inner-service-runs)).
@@ -125,6 +126,13 @@
 //!   in its `call`, so with it inside, make `call()` inside the tokio runtime.
 //! - Waiting happens inside the response future, so a tracing or metrics layer outside
 //!   (such as tower-http's `TraceLayer`) counts the wait in the request's latency.
+//! - Load shedding and `ConcurrencyLimit` go **inside**. The layer is always ready, so a
+//!   `LoadShed` outside it never sheds, and a `ConcurrencyLimit` outside takes its permit
+//!   in `poll_ready`, before the request has its key, and keeps it while the request
+//!   waits. Inside, they are polled once the request's turn has come, and see the
+//!   handler's real capacity. Under axum, whose `Router::layer` wraps each route on its
+//!   own, tower's `GlobalConcurrencyLimitLayer` is one limit for every route. The README
+//!   shows both stacks.
 //! - With the `builder` feature, `ServiceBuilderExt` adds
 //!   `ServiceBuilder::new().sync_engine(policy)`.
 //!
@@ -164,13 +172,41 @@
 //! - **No `HandleErrorLayer`:** the error type is the handlers' own (`Infallible`), and an
 //!   overload is answered with `503 Service Unavailable` and the
 //!   [`Overloaded`](error::Overloaded) value in the response's extensions.
-//! - **Policies:** `http::by_header` and `http::by_extension` for the usual keys, or
-//!   any closure over the request.
+//! - **Policies:** `http::by_header` and `http::by_extension` for the usual keys,
+//!   `http::by_path_param` (feature `axum`) for a route's path parameter such as the
+//!   `id` of `/docs/{id}`, decoded as axum's `Path` decodes it, or any closure over the
+//!   request.
 //!
 //! The plain layer works under axum too, with tower's usual `HandleErrorLayer` for its
 //! [`BoxError`](error::BoxError); it releases a session when the handler returns, before
 //! a streamed body is sent. `examples/http_session.rs` runs the HTTP flavour with
 //! tower-http's `TraceLayer` and `TimeoutLayer`, a streamed route and a concurrent one.
+//!
+//! # Metrics
+//!
+//! With the `metrics` feature (off by default), the layer records through the
+//! [`metrics`](https://docs.rs/metrics) facade, into whatever recorder the application
+//! installs (`metrics-exporter-prometheus`, say); it depends on no exporter. Requests that
+//! get their key at once record nothing and read no clock; a request that waits counts
+//! itself and records its wait; a rejection is counted by limit. The gauges are sampled,
+//! not updated by requests: a `MetricsSampler`, from `SyncEngineLayer::metrics_sampler`,
+//! sets them when the metrics are read.
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `tower_sync_engine_waits_total` | counter | `domain` | requests that could not start at once and waited for their key |
+//! | `tower_sync_engine_wait_seconds` | histogram | `domain` | for each request that waited, the seconds from `call()` until its turn |
+//! | `tower_sync_engine_rejections_total` | counter | `domain`, `limit` | requests rejected at once, by limit: `max_queue_per_key` or `max_keys` |
+//! | `tower_sync_engine_keys` | gauge | `domain` | live keys ([`Stats::keys`]), when last sampled |
+//! | `tower_sync_engine_in_flight` | gauge | `domain` | requests holding a permit ([`Stats::in_flight`]), when last sampled |
+//! | `tower_sync_engine_queued` | gauge | `domain` | requests waiting for their turn ([`Stats::queued`]), when last sampled |
+//! | `tower_sync_engine_deepest_queue` | gauge | `domain` | the most requests waiting on any one key, when last sampled |
+//!
+//! `domain` is the name given with `SyncEngineLayer::metrics_domain`, which tells two
+//! domains of one process apart; without one, the metrics have no `domain` label. The
+//! `metrics` module has the details, the names as constants, `describe()` for the
+//! recorder's help texts, and an example; `examples/http_session.rs` serves the metrics
+//! at `GET /metrics` through `metrics-exporter-prometheus`.
 //!
 //! # Features
 //!
@@ -187,10 +223,18 @@
 //!   module: responses answer overloads with `503`, keep the inner service's error type,
 //!   and hold a session's key until the response body ends; `by_header` and
 //!   `by_extension` policies. It adds the `http` and `http-body` crates.
+//! - `axum` (implies `http`): `http::by_path_param`, which keys requests by an axum
+//!   route's path parameter, percent-decoded by axum's own `RawPathParams` extractor,
+//!   so that `/docs/alpha` and `/docs/%61lpha` are one key. It adds axum, without its
+//!   default features.
+//! - `metrics`: counters, a histogram and gauges through the `metrics` facade, in the
+//!   `metrics` module (see [Metrics](#metrics)). It adds the `metrics` crate, and no
+//!   exporter.
 //! - `tokio-clock` (implies `tracing`): time the wait with `tokio::time::Instant`
 //!   instead. Under a paused tokio clock (tokio's `test-util` feature,
 //!   `#[tokio::test(start_paused = true)]`), `waited_us` is then exact and reproducible,
-//!   which tests that assert on it need. It adds a dependency on tokio's `time` feature.
+//!   which tests that assert on it need, and so is the `metrics` feature's wait
+//!   histogram. It adds a dependency on tokio's `time` feature.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
@@ -203,6 +247,9 @@ mod future;
 #[cfg(feature = "http")]
 pub mod http;
 mod layer;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 mod mode;
 mod policy;
 mod registry;

@@ -3,7 +3,9 @@
 /// What a policy decides for one request.
 ///
 /// A policy is any `Fn(&Req) -> Mode<K>`; it runs once per request, inside
-/// [`Service::call`](tower_service::Service::call).
+/// [`Service::call`].
+///
+/// [`Service::call`]: https://docs.rs/tower-service/0.3/tower_service/trait.Service.html#tymethod.call
 ///
 /// The key is the application's choice of ordering domain:
 ///
@@ -41,11 +43,12 @@
 ///     }
 /// }
 ///
-/// // A `String`, when the key is part of something borrowed, such as the path.
+/// // A `String`, when the key is text borrowed from the request.
 /// fn by_document(request: &Request<()>) -> Mode<String> {
-///     match request.uri().path().strip_prefix("/documents/") {
-///         Some(document) => Mode::Sync(document.to_owned()),
-///         None => Mode::Concurrent,
+///     match request.headers().get("x-document-id").map(|id| id.to_str()) {
+///         Some(Ok(document)) => Mode::Sync(document.to_owned()),
+///         // Not visible ASCII: no document of ours.
+///         Some(Err(_)) | None => Mode::Concurrent,
 ///     }
 /// }
 ///
@@ -55,7 +58,10 @@
 ///     Mode::Sync(message.connection_id)
 /// }
 ///
-/// let request = Request::post("/documents/42").header("x-session-id", "alice").body(())?;
+/// let request = Request::post("/edit")
+///     .header("x-session-id", "alice")
+///     .header("x-document-id", "42")
+///     .body(())?;
 /// assert_eq!(by_session(&request), Mode::Sync(HeaderValue::from_static("alice")));
 /// assert_eq!(by_document(&request), Mode::Sync("42".to_owned()));
 /// assert_eq!(by_connection(&Message { connection_id: 7 }), Mode::Sync(7));
@@ -66,6 +72,14 @@
 /// # drop(layer);
 /// # Ok::<(), axum::http::Error>(())
 /// ```
+///
+/// A key must be equal for requests that mean the same thing. A path segment is not such
+/// a key as it stands: `/documents/42` and `/documents/%34%32` reach the same handler
+/// with the same document id, but `uri().path().strip_prefix("/documents/")` makes them
+/// two keys, and their edits run at once. Under axum, the `http` module's
+/// `by_path_param("id")` (feature `axum`) keys by the route's `{id}` parameter, decoded
+/// as axum's `Path` decodes it; elsewhere, percent-decode the segment before it
+/// becomes a key.
 ///
 /// A key borrowed from the request does not compile: rustc reports "lifetime may not
 /// live long enough" and "return type of closure is `Mode<&'2 str>`". Make it owned,

@@ -24,9 +24,10 @@ use crate::mode::Mode;
 /// Implement it on a type of your own when the policy must work for several request
 /// types, as the HTTP policies of this crate do for any request body.
 ///
-/// The policy runs once per request, inside [`Service::call`](tower_service::Service::call),
-/// before the request takes its place; it should be cheap, and it must not wait for the
-/// layer it belongs to.
+/// The policy runs once per request, inside [`Service::call`], before the request takes
+/// its place; it should be cheap, and it must not wait for the layer it belongs to.
+///
+/// [`Service::call`]: https://docs.rs/tower-service/0.3/tower_service/trait.Service.html#tymethod.call
 pub trait Policy<Req> {
     /// What requests are ordered by. Keys are owned values (`String`, an id, a cloned
     /// header value), never borrowed from the request: the key outlives the borrow of the

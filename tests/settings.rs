@@ -3,7 +3,9 @@
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use axum::http::StatusCode;
 use tower_sync_engine::http::by_header;
 use tower_sync_engine::{Mode, SyncEngineLayer};
 
@@ -37,7 +39,7 @@ fn a_setting_that_panics_points_at_the_callers_line() {
             .unwrap_or_default();
         record.lock().unwrap().push((message, location));
     }));
-    let cases: [Case; 6] = [
+    let cases: [Case; 8] = [
         (
             "permits_per_key",
             Box::new(|| drop(layer().permits_per_key(0))),
@@ -68,6 +70,14 @@ fn a_setting_that_panics_points_at_the_callers_line() {
             }),
         ),
         ("by_header", Box::new(|| drop(by_header("not a header")))),
+        (
+            "overload_status",
+            Box::new(|| drop(layer().for_http().overload_status(StatusCode::OK))),
+        ),
+        (
+            "retry_after",
+            Box::new(|| drop(layer().for_http().retry_after(Duration::ZERO))),
+        ),
     ];
     for (setting, case) in &cases {
         assert!(

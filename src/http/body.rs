@@ -28,9 +28,11 @@ pin_project! {
     /// Response body of [`HttpSyncEngine`](super::HttpSyncEngine): the inner body, and for
     /// a `Mode::Sync` request its key, held until the body has ended or been dropped.
     ///
-    /// Frames, errors, [`size_hint`](Body::size_hint) and
-    /// [`is_end_stream`](Body::is_end_stream) are the inner body's, unchanged; trailers
-    /// pass through as the frames they are.
+    /// Frames, errors, [`size_hint`] and [`is_end_stream`] are the inner body's,
+    /// unchanged; trailers pass through as the frames they are.
+    ///
+    /// [`size_hint`]: https://docs.rs/http-body/1/http_body/trait.Body.html#method.size_hint
+    /// [`is_end_stream`]: https://docs.rs/http-body/1/http_body/trait.Body.html#method.is_end_stream
     ///
     /// ```
     /// use axum::body::Body;

@@ -9,12 +9,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use ::http::{Request, Response, StatusCode};
+use ::http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::body::ResponseBody;
-use crate::error::Overloaded;
+use super::overload::{Answer, EmptyOverloadBody, OverloadBody};
 use crate::turn::{Ended, Turn};
 
 pin_project! {
@@ -22,42 +22,60 @@ pin_project! {
     ///
     /// It resolves to the inner service's response with its body wrapped in a
     /// [`ResponseBody`] (which, for a `Mode::Sync` request, now holds the key), to the
-    /// inner service's error (the key is released first), or to a `503 Service
-    /// Unavailable` response when a limit rejected the request. For a `Mode::Sync`
-    /// request it first waits for the request's turn on its key; dropping it at any point
-    /// gives the turn up.
+    /// inner service's error (the key is released first), or to the layer's answer to an
+    /// overload (`503 Service Unavailable` by default; `D` is its [`OverloadBody`]) when
+    /// a limit rejected the request. For a `Mode::Sync` request it first waits for the
+    /// request's turn on its key; dropping it at any point gives the turn up.
     ///
     /// It is `Send` when the inner service, its future, the request and the key are.
     /// Polling it again after it has completed panics.
-    pub struct ResponseFuture<S, ReqBody, K>
+    pub struct ResponseFuture<S, ReqBody, K, D = EmptyOverloadBody>
     where
         S: Service<Request<ReqBody>>,
     {
         #[pin]
         turn: Turn<S, Request<ReqBody>, K>,
+        answer: Answer<D>,
     }
 }
 
-impl<S, ReqBody, K> From<Turn<S, Request<ReqBody>, K>> for ResponseFuture<S, ReqBody, K>
+impl<S, ReqBody, K, D> From<Turn<S, Request<ReqBody>, K>> for ResponseFuture<S, ReqBody, K, D>
 where
     S: Service<Request<ReqBody>>,
 {
+    // Answers an overload with the default answer until `set_answer`.
     #[inline]
     fn from(turn: Turn<S, Request<ReqBody>, K>) -> Self {
-        ResponseFuture { turn }
+        ResponseFuture {
+            turn,
+            answer: Answer::new(),
+        }
     }
 }
 
-impl<S, ReqBody, ResBody, K> Future for ResponseFuture<S, ReqBody, K>
+impl<S, ReqBody, K, D> ResponseFuture<S, ReqBody, K, D>
+where
+    S: Service<Request<ReqBody>>,
+{
+    /// Answers an overload with the service's `answer`.
+    #[inline]
+    pub(super) fn set_answer(&mut self, answer: Answer<D>) {
+        self.answer = answer;
+    }
+}
+
+impl<S, ReqBody, ResBody, K, D> Future for ResponseFuture<S, ReqBody, K, D>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: http_body::Body + Default,
+    D: OverloadBody<ResBody>,
 {
     type Output = Result<Response<ResponseBody<ResBody, K>>, S::Error>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(match ready!(self.project().turn.poll(cx)) {
+        let this = self.project();
+        Poll::Ready(match ready!(this.turn.poll(cx)) {
             // The inner future is gone; the key now belongs to the body.
             Ended::Answered(Ok(response), claim) => {
                 Ok(response.map(|body| ResponseBody::new(body, claim)))
@@ -66,22 +84,12 @@ where
                 drop(claim);
                 Err(error)
             }
-            Ended::Rejected(overloaded) => Ok(service_unavailable(overloaded)),
+            Ended::Rejected(overloaded) => Ok(this.answer.respond(overloaded)),
         })
     }
 }
 
-/// The answer to a request that a limit rejected: `503`, an empty body, and the reason in
-/// the extensions for the layers outside.
-#[cold]
-fn service_unavailable<B: Default, K>(overloaded: Overloaded) -> Response<ResponseBody<B, K>> {
-    let mut response = Response::new(ResponseBody::new_released(B::default()));
-    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    response.extensions_mut().insert(overloaded);
-    response
-}
-
-impl<S, ReqBody, K> fmt::Debug for ResponseFuture<S, ReqBody, K>
+impl<S, ReqBody, K, D> fmt::Debug for ResponseFuture<S, ReqBody, K, D>
 where
     S: Service<Request<ReqBody>>,
 {

@@ -1,10 +1,12 @@
 //! The HTTP flavour: a session's key is held until its response body ends, an overload
-//! is a `503` response, and policies for the usual keys.
+//! is a `503` response (or the status, `Retry-After` and text body you choose), and
+//! policies for the usual keys.
 //!
 //! [`SyncEngineLayer::for_http`](crate::SyncEngineLayer::for_http) turns a layer into an
 //! [`HttpSyncEngineLayer`] for services of `http::Request<ReqBody>` that answer
 //! `http::Response<ResBody>`, in the same ordering domain. [`by_header`] and
-//! [`by_extension`] are the policies most HTTP services need:
+//! [`by_extension`] are the policies most HTTP services need, and `by_path_param`
+//! (feature `axum`) keys by an axum route's path parameter:
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -57,11 +59,55 @@
 //!   `Infallible` handlers the service is infallible too, and `Router::layer` takes it
 //!   with no `HandleErrorLayer`.
 //! - A request rejected by [`max_queue_per_key`](crate::SyncEngineLayer::max_queue_per_key)
-//!   or [`max_keys`](crate::SyncEngineLayer::max_keys) is answered with `503 Service
-//!   Unavailable`, an empty body (`ResBody::default()`, as tower-http's `TimeoutLayer`
-//!   answers `408`), and the [`Overloaded`](crate::error::Overloaded) value in the
-//!   response's extensions, so outer layers can tell why and, say, add a `Retry-After`
-//!   header or a message.
+//!   or [`max_keys`](crate::SyncEngineLayer::max_keys) is answered by the layer itself,
+//!   by default with `503 Service Unavailable` and an empty body (`ResBody::default()`,
+//!   as tower-http's `TimeoutLayer` answers `408`). The
+//!   [`Overloaded`](crate::error::Overloaded) value is in the response's extensions
+//!   whatever the answer, so outer layers can tell which limit was hit.
+//! - The HTTP layer's settings change the answer, as tower-http's
+//!   `TimeoutLayer::with_status_code` does for timeouts:
+//!   [`overload_status`](HttpSyncEngineLayer::overload_status) (`429 Too Many
+//!   Requests` is the usual alternative), [`retry_after`](HttpSyncEngineLayer::retry_after)
+//!   (a `Retry-After` header in whole seconds, rounded up) and
+//!   [`describe_overload`](HttpSyncEngineLayer::describe_overload) (a short text body
+//!   naming the limit, off by default so that nothing about the server's limits
+//!   reaches clients unless asked for; it needs a body type that is `From<String>`, as
+//!   axum's is). A status that is not a `4xx` or `5xx` error, and a zero
+//!   `retry_after`, panic where they are set.
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{Router, body::Body, http::{Request, StatusCode}, routing::post};
+//! use http_body_util::BodyExt;
+//! use tower::ServiceExt;
+//! use tower_sync_engine::SyncEngineLayer;
+//! use tower_sync_engine::http::by_header;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let layer = SyncEngineLayer::new(by_header("x-session-id"))
+//!     .max_queue_per_key(32)
+//!     .max_keys(1) // one live session at a time, to show the answer
+//!     .for_http()
+//!     .overload_status(StatusCode::TOO_MANY_REQUESTS)
+//!     .retry_after(Duration::from_millis(1500))
+//!     .describe_overload();
+//! let app: Router = Router::new()
+//!     .route("/edit", post(|| async { "saved" }))
+//!     .layer(layer);
+//!
+//! let edit = |session| Request::post("/edit").header("x-session-id", session).body(Body::empty());
+//! // Alice's session is live until her response body has been read or dropped.
+//! let alice = app.clone().oneshot(edit("alice").unwrap()).await.unwrap();
+//! let bob = app.clone().oneshot(edit("bob").unwrap()).await.unwrap();
+//!
+//! assert_eq!(bob.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(bob.headers()["retry-after"], "2");
+//! let text = bob.into_body().collect().await.unwrap().to_bytes();
+//! assert_eq!(text, "request rejected: too many live keys (max_keys)");
+//! # drop(alice);
+//! # }
+//! ```
 //!
 //! # Policies and type inference
 //!
@@ -104,6 +150,28 @@
 //! [`by_header`] does, a `String`, an id. Not a `HeaderValue` clone: it shares the
 //! request's buffer, the connection's read buffer under hyper, and keeps it alive for as
 //! long as the key is live.
+//!
+//! # Keys from path parameters
+//!
+//! Under axum, `by_path_param("id")` (feature `axum`) orders requests by the route's
+//! `{id}` parameter, percent-decoded as axum's `Path` extractor decodes it: the key is
+//! the text a handler's `Path<String>` receives. `/docs/alpha/edits` and
+//! `/docs/%61lpha/edits` reach the same handler with the same `id`, so they are one key.
+//! A key cut from the raw path (`uri().path().strip_prefix("/docs/")`) makes them two
+//! keys, and the two edits of one document run at once.
+//!
+//! axum finds the parameters when its `Router` matches a route, so add the layer with
+//! `Router::layer` or `Router::route_layer`, which wrap each route. Around the whole
+//! `Router` it would run before routing, with no parameters to read: the policy then
+//! panics on the first request, naming the fix, rather than run every request unordered.
+//! Routes without the parameter (`/health` beside `/docs/{id}`) and the fallback's `404`s
+//! are `Mode::Concurrent`.
+//!
+//! It is one policy rather than a recipe (a `from_fn` middleware extracting `Path` into
+//! an extension for [`by_extension`]) because the recipe is two layers that must be
+//! stacked in the right order: stacked the other way, `by_extension` finds no extension
+//! and every request runs unordered, without a sign. The policy reads the parameters
+//! through axum's own `RawPathParams` extractor, so the decoding is axum's.
 //!
 //! # Bodies that never end
 //!
@@ -218,11 +286,17 @@
 mod body;
 mod future;
 mod layer;
+mod overload;
+#[cfg(feature = "axum")]
+mod path;
 mod policy;
 mod service;
 
 pub use self::body::ResponseBody;
 pub use self::future::ResponseFuture;
 pub use self::layer::HttpSyncEngineLayer;
+pub use self::overload::{EmptyOverloadBody, OverloadBody, TextOverloadBody};
+#[cfg(feature = "axum")]
+pub use self::path::{ByPathParam, by_path_param};
 pub use self::policy::{ByExtension, ByHeader, by_extension, by_header};
 pub use self::service::HttpSyncEngine;

@@ -30,14 +30,16 @@ use crate::policy::Policy;
 /// would let a request for session `a` that also carries `b` run alongside `a`'s other
 /// requests.
 ///
-/// **The key owns its bytes**: it is a copy of the value, with the same
-/// [`is_sensitive`](HeaderValue::is_sensitive) flag, not a clone. A server parses the
-/// headers in place, so a request's `HeaderValue` is a slice of its connection's read
-/// buffer (several kilobytes under hyper), and a clone shares that whole buffer. The
-/// layer keeps a key for as long as its session stays busy, possibly long after the
-/// request it came from has been handled and its connection closed; a cloned key would
-/// keep that buffer alive all the while, for every live key. The copy costs one
-/// allocation of the value's length per `Mode::Sync` request.
+/// **The key owns its bytes**: it is a copy of the value, with the same [`is_sensitive`]
+/// flag, not a clone. A server parses the headers in place, so a request's `HeaderValue`
+/// is a slice of its connection's read buffer (several kilobytes under hyper), and a
+/// clone shares that whole buffer. The layer keeps a key for as long as its session
+/// stays busy, possibly long after the request it came from has been handled and its
+/// connection closed; a cloned key would keep that buffer alive all the while, for every
+/// live key. The copy costs one allocation of the value's length per `Mode::Sync`
+/// request.
+///
+/// [`is_sensitive`]: https://docs.rs/http/1/http/header/struct.HeaderValue.html#method.is_sensitive
 ///
 /// # Panics
 ///

@@ -96,8 +96,9 @@ impl Line {
         self.live
     }
 
-    /// Adds a waiter at the back, without a permit; `since` is the time of its `call()`.
-    /// Returns its ticket.
+    /// Adds a waiter at the back, without a permit; `since` is the time of its `call()`, if
+    /// it was taken (with `metrics`, the clock is read here when it was not). Returns its
+    /// ticket.
     pub(super) fn push(&mut self, since: CalledAt) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
@@ -109,7 +110,7 @@ impl Line {
             ticket,
             status: Status::Waiting,
             waker: None,
-            since,
+            since: since.or_now(),
         });
         ticket
     }

@@ -25,9 +25,9 @@
 //! Per key the shard keeps:
 //!
 //! - `holders`: claims holding one of the key's `permits` (whether started or not);
-//! - the *line* ([`line`]): claims that could not start when they were made and have not
-//!   called the inner service yet, in call order. Its front one may have been granted a
-//!   permit; the rest wait for their turn without one;
+//! - the *line* ([`line`](mod@line)): claims that could not start when they were made
+//!   and have not called the inner service yet, in call order. Its front one may have
+//!   been granted a permit; the rest wait for their turn without one;
 //! - `head_unstarted`: one claim holds a permit, comes before the whole line, and has not
 //!   called the inner service yet.
 //!
@@ -97,7 +97,7 @@
 //! An idle key costs nothing: its entry is removed in the step that makes it idle. A
 //! shard's table shrinks with hysteresis (see `Shard::after_removal`): a steady load
 //! does not reallocate, and a burst's memory is given back as it drains, fully once the
-//! shard is empty. A line's memory follows its live waiters (see [`line`]).
+//! shard is empty. A line's memory follows its live waiters (see [`line`](mod@line)).
 //!
 //! With a hasher whose output is constant (or keys whose `Hash` is), every key of a
 //! domain lands in one bucket of one shard and each request compares keys linearly:
@@ -302,6 +302,21 @@ impl<K, H> Registry<K, H> {
             stats
         })
     }
+
+    /// The most claims waiting for their turn on any one key (what [`stats`](Self::stats)
+    /// counts as queued, for that key). Visits every shard under its lock and every live
+    /// key: for a metrics sampler, never for a request.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn deepest_queue(&self) -> usize {
+        let Some(shards) = self.shards.get() else {
+            return 0;
+        };
+        shards
+            .iter()
+            .map(|cell| cell.lock().deepest_queue())
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 impl<K, H> Registry<K, H>
@@ -328,6 +343,7 @@ where
             Ok(place) => place,
             Err(overloaded) => {
                 let_go(spare_key);
+                trace::rejected(overloaded.limit(), cell.settings.metrics_domain);
                 return Err(overloaded);
             }
         };
@@ -336,7 +352,10 @@ where
             Position::Waiting { ticket, depth } => (
                 ClaimState::InLine { registered: false },
                 ticket,
-                Some(Queued { depth }),
+                Some(Queued {
+                    depth,
+                    domain: cell.settings.metrics_domain,
+                }),
             ),
         };
         Ok(Claimed {
@@ -385,12 +404,14 @@ pub(crate) struct Claimed<K> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Queued {
     depth: u32,
+    /// The label of the domain's metrics (nothing without the `metrics` feature).
+    domain: trace::Domain,
 }
 
 impl Queued {
     /// Emits the `queued` event.
     pub(crate) fn announce(self) {
-        trace::queued(self.depth);
+        trace::queued(self.depth, self.domain);
     }
 }
 
@@ -464,7 +485,7 @@ impl<K> Claim<K> {
                     self.state = ClaimState::Holding { head: true };
                     drop(shard);
                     let_go_of(stale, fresh);
-                    trace::admitted(since);
+                    trace::admitted(since, self.cell.settings.metrics_domain);
                     return Poll::Ready(());
                 }
                 Polled::Wait(stale) => stale,

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::trace::Domain;
+
 /// Stands for "no limit" in `max_queue_per_key` and `max_keys`.
 pub(crate) const UNBOUNDED: usize = usize::MAX;
 
@@ -17,6 +19,8 @@ pub(crate) struct Settings {
     pub(crate) max_queue_per_key: usize,
     /// Keys that may be live at once; at least 1, [`UNBOUNDED`] by default.
     pub(crate) max_keys: usize,
+    /// The `domain` label of the domain's metrics; nothing without the `metrics` feature.
+    pub(crate) metrics_domain: Domain,
 }
 
 impl Default for Settings {
@@ -25,6 +29,7 @@ impl Default for Settings {
             permits_per_key: 1,
             max_queue_per_key: UNBOUNDED,
             max_keys: UNBOUNDED,
+            metrics_domain: Domain::NONE,
         }
     }
 }
@@ -40,10 +45,13 @@ impl fmt::Debug for Settings {
                 }
             }
         }
-        f.debug_struct("Settings")
+        let mut settings = f.debug_struct("Settings");
+        settings
             .field("permits_per_key", &self.permits_per_key)
             .field("max_queue_per_key", &Limit(self.max_queue_per_key))
-            .field("max_keys", &Limit(self.max_keys))
-            .finish()
+            .field("max_keys", &Limit(self.max_keys));
+        #[cfg(feature = "metrics")]
+        settings.field("metrics_domain", &self.metrics_domain);
+        settings.finish()
     }
 }

@@ -352,6 +352,21 @@ impl<K> Shard<K> {
         )
     }
 
+    /// The most claims waiting for their turn on one of the shard's keys.
+    #[cfg(feature = "metrics")]
+    pub(super) fn deepest_queue(&self) -> usize {
+        self.keys
+            .iter()
+            .map(|state| {
+                state
+                    .line
+                    .as_ref()
+                    .map_or(0, |line| line.waiting() as usize)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Gives table memory back after a burst, with hysteresis: the table shrinks only
     /// when it is eight times larger than the recent peak of live keys, to twice that
     /// peak, and back to `RETAINED_KEYS` when the shard empties while its table has room

@@ -1,5 +1,5 @@
-//! `examples/socketio.rs` end to end, on loopback, with sioc: a Socket.IO v5 client
-//! library, over WebSocket and over HTTP long-polling, on a multi-threaded runtime.
+//! This package's `examples/socketio.rs` end to end, on loopback, with sioc: a Socket.IO v5
+//! client library, over WebSocket and over HTTP long-polling, on a multi-threaded runtime.
 //!
 //! Every wait is bounded, so a lost event fails the test instead of hanging it.
 //!
@@ -8,7 +8,7 @@
 //! an id, and an answer goes to the wrong callback.
 
 #[allow(dead_code)]
-#[path = "../../examples/socketio.rs"]
+#[path = "examples/socketio.rs"]
 mod socketio;
 
 use std::future::pending;
@@ -349,4 +349,33 @@ async fn a_socket_that_leaves_with_events_queued_lets_them_finish_and_leaves_the
     // ...until the last one has run; then nothing is left.
     eventually("the layer is idle", || server.stats().is_idle()).await;
     assert_eq!(server.work_done(), 5);
+}
+
+/// How many sockets `an_event_sent_the_moment_the_socket_connects_is_answered` connects,
+/// one after the other.
+const EAGER_CLIENTS: u64 = 100;
+
+/// Every socket sends its first event the moment its CONNECT arrives. socketioxide sends
+/// CONNECT before it calls the connect handler, in a task of its own; an event that comes
+/// in between finds no handler and is dropped, without an error on either side. The
+/// window is narrow, so this connects many sockets, one at a time, each with the other
+/// runtime thread idle to take the event: registered in a middleware (the example's
+/// `register_on_connect`), the handler is always there first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_sent_the_moment_the_socket_connects_is_answered() {
+    let (url, _server) = start(ServerMode::Sync).await;
+    let mut lost = Vec::new();
+    for seq in 0..EAGER_CLIENTS {
+        let client = connect(&url, Transport::WebSocket).await;
+        let work = Work(json!({ "seq": seq, "delay_ms": 0 }));
+        let ack = client.tx.emit(work).await.unwrap();
+        match timeout(WAIT, ack).await {
+            Ok(ack) => assert_eq!(ack.unwrap().payload.0, json!({ "seq": seq })),
+            Err(_) => lost.push(seq),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "no answer to the first event of sockets {lost:?}"
+    );
 }

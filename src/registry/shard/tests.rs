@@ -92,6 +92,7 @@ fn settings(permits_per_key: u32, max_queue_per_key: usize, max_keys: usize) -> 
         permits_per_key,
         max_queue_per_key,
         max_keys,
+        ..Settings::default()
     }
 }
 

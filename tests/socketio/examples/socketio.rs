@@ -3,8 +3,13 @@
 //! `on_event`.
 //!
 //! ```sh
-//! cargo run --example socketio -- --addr 127.0.0.1:3000 --mode sync
+//! cargo run -p tower-sync-engine-socketio-tests --example socketio -- --addr 127.0.0.1:3000 --mode sync
 //! ```
+//!
+//! It belongs to the workspace package of its tests (`tests/socketio/`), not to the crate's
+//! own examples: socketioxide brings its own versions of tungstenite and matchit beside
+//! axum's, and needs a newer Rust than the crate, so the crate's other examples and tests
+//! build without it.
 //!
 //! Namespace `/`, for Socket.IO v5 clients over WebSocket or HTTP long-polling:
 //!
@@ -46,14 +51,19 @@
 //! events of one socket can then take their places in either order: the layer faithfully
 //! keeps an order that is already wrong. [`on_event_called_late`] is that handler, kept
 //! for comparison and not used. Put it in [`app`] instead of [`on_event`] and the sync tests
-//! in `tests/socketio.rs` fail: tokio's multi-threaded scheduler runs the task spawned last
-//! first, so the last of a burst of events read together tends to take its place first.
+//! in `tests/socketio/socketio.rs` fail: tokio's multi-threaded scheduler runs the task
+//! spawned last first, so the last of a burst of events read together tends to take its
+//! place first.
 //! Use [`on_event`].
 //!
-//! The same holds for the connect handler: socketioxide sends the client its CONNECT packet
-//! before it calls the connect handler, so [`app`] registers `on_event` in a plain closure
-//! too. Registered in an `async` body, it could come after the client's first events,
-//! which would find no handler and be dropped.
+//! The handler itself has to be in place before the socket's first event, and the connect
+//! handler is too late for that, even as a plain closure: socketioxide sends the client
+//! its CONNECT packet first, and calls the connect handler after, in a task of its own. A
+//! client answers CONNECT with its first events at once, and when that task's thread is
+//! switched out between the two steps, they arrive with no handler and are dropped, with
+//! no error on either side. A connect middleware runs before the socket joins its
+//! namespace and before CONNECT is sent, so [`app`] registers `on_event` there
+//! ([`register_on_connect`]).
 //!
 //! The glue is a few lines of this example rather than a feature of the crate: it depends
 //! on socketioxide's handler traits and minimum Rust, which the layer itself does not.
@@ -69,6 +79,8 @@
 //! against a signal set by `socket.on_disconnect`: dropping a response future leaves the
 //! line at once.
 
+use std::convert::Infallible;
+use std::future::{Ready, ready};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -78,13 +90,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use socketioxide::SocketIo;
 use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
+use socketioxide::handler::ConnectHandler;
 use socketioxide::socket::Sid;
 use tokio::net::TcpListener;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service, service_fn};
 use tower_sync_engine::{Mode, Stats, SyncEngine, SyncEngineLayer};
 
-#[path = "common/server_args.rs"]
+// The other example servers' command line, shared with them.
+#[path = "../../../examples/common/server_args.rs"]
 mod server_args;
 
 pub use server_args::ServerMode;
@@ -267,6 +281,18 @@ pub fn on_event_called_late(socket: &SocketRef, events: Events) {
     );
 }
 
+/// A connect middleware that registers [`on_event`] on each socket. socketioxide runs it
+/// before the socket joins the namespace and before it sends the client CONNECT, so no
+/// event can arrive first (see the module docs). It never refuses a socket.
+pub fn register_on_connect(
+    events: Events,
+) -> impl Fn(SocketRef) -> Ready<Result<(), Infallible>> + Clone + Send + Sync + 'static {
+    move |socket: SocketRef| {
+        on_event(&socket, events.clone());
+        ready(Ok(()))
+    }
+}
+
 /// The axum app, with socketioxide mounted as a layer, and its [`Server`] handle.
 pub fn app(ordering: ServerMode) -> (Router, Server) {
     let policy: Policy = match ordering {
@@ -278,11 +304,11 @@ pub fn app(ordering: ServerMode) -> (Router, Server) {
     let events: Events = layer.layer(dispatcher(Arc::clone(&work_done)));
 
     let (socketio, io) = SocketIo::new_layer();
-    io.ns("/", move |socket: SocketRef| {
-        // Registered before this closure returns: see the module docs.
-        on_event(&socket, events.clone());
-        std::future::ready(())
-    });
+    // `on_event` goes in before CONNECT is sent: in a middleware, not the connect handler.
+    io.ns(
+        "/",
+        (|_: SocketRef| ready(())).with(register_on_connect(events)),
+    );
     let server = Server {
         layer,
         io,
