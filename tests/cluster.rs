@@ -28,11 +28,10 @@
 //! are few (under a hundred per test) and every wait has a timeout.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
@@ -41,6 +40,15 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, timeout};
+
+#[path = "support/programs.rs"]
+mod programs;
+use programs::{Process, RunDir, free_port, require};
+
+/// A program the cluster tests need; see [`require`].
+fn require_program(name: &str, extra: &[&str]) -> Option<PathBuf> {
+    require(name, extra, name, "the cluster tests (tests/cluster.rs)")
+}
 
 /// The work of one session's burst, in ms, in send order: the first request is the
 /// slowest, so that if two of them ever run at once the later ones finish first.
@@ -54,44 +62,9 @@ const INSTANCES: usize = 3;
 
 // ---- finding nginx, curl and the example ----
 
-/// A program on `PATH`, or at one of `extra` paths.
-fn find_program(name: &str, extra: &[&str]) -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|dir| dir.join(name));
-    on_path
-        .chain(extra.iter().map(PathBuf::from))
-        .find(|candidate| candidate.is_file())
-}
-
-/// The program, or `None` after printing why the test is skipped; in CI, a panic.
-fn require(name: &str, extra: &[&str]) -> Option<PathBuf> {
-    if let Some(program) = find_program(name, extra) {
-        return Some(program);
-    }
-    let in_ci = std::env::var_os("CI").is_some_and(|value| !value.is_empty());
-    assert!(
-        !in_ci,
-        "{name} not installed, and CI is set: the cluster tests must run in CI \
-         (Debian/Ubuntu: apt-get install {name})"
-    );
-    // Straight to stderr, past the test harness's capture, so that a plain `cargo test`
-    // shows it; once per program, not once per test.
-    static REPORTED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-    if REPORTED.lock().unwrap().insert(name.to_owned()) {
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped: {name} not installed (tests/cluster.rs; set CI to make this a failure)"
-        );
-    }
-    None
-}
-
 /// Debian and Ubuntu install nginx in `/usr/sbin`, which is not on every `PATH`.
 fn nginx() -> Option<PathBuf> {
-    require("nginx", &["/usr/sbin/nginx", "/usr/local/sbin/nginx"])
+    require_program("nginx", &["/usr/sbin/nginx", "/usr/local/sbin/nginx"])
 }
 
 /// The `http_session` example's binary, built once per test run.
@@ -133,61 +106,6 @@ fn example_binary() -> &'static Path {
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
-}
-
-/// A port on 127.0.0.1 that was free a moment ago. Whoever uses it must retry if another
-/// process takes it first; the instances avoid this by binding port 0 themselves.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address").port()
-}
-
-// ---- processes and their files ----
-
-/// A directory for one test's files, under cargo's `target/tmp`. Removed when the test
-/// passes, kept (and named) when it fails.
-struct RunDir(PathBuf);
-
-impl RunDir {
-    fn new(name: &str) -> Self {
-        let path = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("cluster-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create the run directory");
-        RunDir(path)
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("logs kept in {}", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// A child process, killed by its id when dropped.
-struct Process(Child);
-
-impl Process {
-    fn stop(&mut self) {
-        // SIGKILL: nothing to shut down gracefully, and nothing is left behind (nginx runs
-        // as a single process here).
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-
-    fn has_exited(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(Some(_)))
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// One `http_session` process.
@@ -240,7 +158,7 @@ struct Front {
 }
 
 async fn start_front(nginx: &Path, routing: &str, instances: &[Instance], name: &str) -> Front {
-    let prefix = RunDir::new(name);
+    let prefix = RunDir::new(&format!("cluster-{name}"));
     let servers: String = instances
         .iter()
         .map(|instance| format!("server {};\n", instance.addr))
@@ -481,7 +399,7 @@ fn addrs(instances: &[Instance]) -> BTreeSet<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hashed_by_session_each_session_runs_in_order_on_one_instance() {
     let Some(nginx) = nginx() else { return };
-    let dir = RunDir::new("ordered");
+    let dir = RunDir::new("cluster-ordered");
     let instances = start_instances(&dir, INSTANCES).await;
     let front = start_front(&nginx, "by-header.conf", &instances, "ordered-nginx").await;
 
@@ -500,7 +418,7 @@ async fn hashed_by_session_each_session_runs_in_order_on_one_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_spread_over_all_instances_and_requests_without_one_go_round_robin() {
     let Some(nginx) = nginx() else { return };
-    let dir = RunDir::new("spread");
+    let dir = RunDir::new("cluster-spread");
     let instances = start_instances(&dir, INSTANCES).await;
     let front = start_front(&nginx, "by-header.conf", &instances, "spread-nginx").await;
 
@@ -533,7 +451,7 @@ async fn sessions_spread_over_all_instances_and_requests_without_one_go_round_ro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_runs_a_session_on_several_instances_and_breaks_its_order() {
     let Some(nginx) = nginx() else { return };
-    let dir = RunDir::new("round-robin");
+    let dir = RunDir::new("cluster-round-robin");
     let instances = start_instances(&dir, INSTANCES).await;
     let front = start_front(&nginx, "round-robin.conf", &instances, "round-robin-nginx").await;
 
@@ -551,7 +469,7 @@ async fn round_robin_runs_a_session_on_several_instances_and_breaks_its_order() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_instance_moves_only_its_sessions_which_stay_ordered() {
     let Some(nginx) = nginx() else { return };
-    let dir = RunDir::new("stop");
+    let dir = RunDir::new("cluster-stop");
     let mut instances = start_instances(&dir, INSTANCES).await;
     let front = start_front(&nginx, "by-header.conf", &instances, "stop-nginx").await;
 
@@ -604,7 +522,7 @@ async fn a_stopped_instance_moves_only_its_sessions_which_stay_ordered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_by_cookie_or_client_address_are_ordered_too() {
     let Some(nginx) = nginx() else { return };
-    let dir = RunDir::new("variants");
+    let dir = RunDir::new("cluster-variants");
     let instances = start_instances(&dir, INSTANCES).await;
     let by_cookie = start_front(&nginx, "by-cookie.conf", &instances, "cookie-nginx").await;
     let by_address = start_front(&nginx, "by-address.conf", &instances, "address-nginx").await;
@@ -658,7 +576,7 @@ impl Drop for Script {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_sh_answers_on_its_address_and_stops_everything_it_started() {
-    if nginx().is_none() || require("curl", &[]).is_none() {
+    if nginx().is_none() || require_program("curl", &[]).is_none() {
         return;
     }
     let binary = example_binary();

@@ -26,12 +26,10 @@
 #[path = "../examples/http_session.rs"]
 mod http_session;
 
-use std::collections::BTreeSet;
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
@@ -40,6 +38,20 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, timeout};
+
+#[path = "support/programs.rs"]
+mod programs;
+use programs::{Process, RunDir, free_port, require};
+
+/// A program of Debian's `prometheus` package; see [`require`].
+fn require_program(name: &str) -> Option<PathBuf> {
+    require(
+        name,
+        &[],
+        "prometheus",
+        "the Prometheus test (tests/metrics_prometheus.rs)",
+    )
+}
 
 /// Requests of the hot session that wait behind its first one: as many as the example
 /// may queue per session, so that every further request is rejected.
@@ -54,93 +66,6 @@ const HEAD_MS: u64 = 1_000;
 const WAIT: Duration = Duration::from_secs(20);
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
-
-// ---- finding the programs ----
-
-/// A program on `PATH`.
-fn find_program(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-}
-
-/// The program, or `None` after printing why the test is skipped; in CI, a panic.
-fn require(name: &str) -> Option<PathBuf> {
-    if let Some(program) = find_program(name) {
-        return Some(program);
-    }
-    let in_ci = std::env::var_os("CI").is_some_and(|value| !value.is_empty());
-    assert!(
-        !in_ci,
-        "{name} not installed, and CI is set: the Prometheus test must run in CI \
-         (Debian/Ubuntu: apt-get install prometheus)"
-    );
-    static REPORTED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-    if REPORTED.lock().unwrap().insert(name.to_owned()) {
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped: {name} not installed (tests/metrics_prometheus.rs; set CI to make \
-             this a failure)"
-        );
-    }
-    None
-}
-
-// ---- processes and their files ----
-
-/// The test's directory under cargo's `target/tmp`: removed when the test passes, kept
-/// (and named) when it fails.
-struct RunDir(PathBuf);
-
-impl RunDir {
-    fn new() -> Self {
-        let path = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("metrics-prometheus-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create the run directory");
-        RunDir(path)
-    }
-
-    fn read(&self, file: &str) -> String {
-        std::fs::read_to_string(self.0.join(file)).unwrap_or_default()
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("files kept in {}", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// A child process, killed by its id when dropped.
-struct Process(Child);
-
-impl Process {
-    fn has_exited(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(Some(_)))
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A port on 127.0.0.1 that was free a moment ago; whoever uses it retries if another
-/// process takes it first.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address").port()
-}
 
 /// Prometheus, scraping `target` every second, with its files in `dir`.
 struct Prometheus {
@@ -312,10 +237,12 @@ async fn until_query(prometheus: SocketAddr, promql: &str, expected: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_waits_and_rejections_that_a_known_load_implies() {
-    let (Some(prometheus), Some(promtool)) = (require("prometheus"), require("promtool")) else {
+    let (Some(prometheus), Some(promtool)) =
+        (require_program("prometheus"), require_program("promtool"))
+    else {
         return;
     };
-    let dir = RunDir::new();
+    let dir = RunDir::new("metrics-prometheus");
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = listener.local_addr().unwrap();
