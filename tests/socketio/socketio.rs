@@ -178,9 +178,9 @@ fn assert_transport(server: &Server, transport: Transport) {
 }
 
 /// 20 events sent at once, slow first: the handlers finish in reverse unless something
-/// keeps them in order. Event `seq` works for `(21 - seq) * 3` ms.
-fn decreasing_delays() -> Vec<(u64, u64)> {
-    (1..=20).map(|seq| (seq, (21 - seq) * 3)).collect()
+/// keeps them in order. Event `seq` works for `(21 - seq) * step_ms` ms.
+fn decreasing_delays(step_ms: u64) -> Vec<(u64, u64)> {
+    (1..=20).map(|seq| (seq, (21 - seq) * step_ms)).collect()
 }
 
 /// Three clients side by side: each gets its acks and `done` events in the order it sent
@@ -193,7 +193,7 @@ async fn three_clients_side_by_side(transport: Transport) {
     }
     assert_transport(&server, transport);
 
-    let frames = decreasing_delays();
+    let frames = decreasing_delays(3);
     let sent: Vec<u64> = frames.iter().map(|&(seq, _)| seq).collect();
     let one_client = Duration::from_millis(frames.iter().map(|&(_, ms)| ms).sum());
 
@@ -233,7 +233,9 @@ async fn concurrent_reorders(transport: Transport) {
     let mut client = connect(&url, transport).await;
     assert_transport(&server, transport);
 
-    let frames = decreasing_delays();
+    // Event 1 must still be working when event 20 has finished: 285 ms apart, so that a
+    // busy machine, slow to send the 20 events, does not change the order.
+    let frames = decreasing_delays(15);
     let (acks, dones) = send_work(&mut client, &frames).await;
 
     let position = |order: &[u64], seq: u64| order.iter().position(|&s| s == seq).unwrap();
@@ -245,7 +247,7 @@ async fn concurrent_reorders(transport: Transport) {
             (1..=20).collect::<Vec<_>>(),
             "every event answered once"
         );
-        // Event 20 works for 3 ms, event 1 for 60 ms.
+        // Event 20 works for 15 ms, event 1 for 300 ms.
         assert!(position(order, 20) < position(order, 1), "{order:?}");
     }
 }
@@ -356,26 +358,37 @@ async fn a_socket_that_leaves_with_events_queued_lets_them_finish_and_leaves_the
 const EAGER_CLIENTS: u64 = 100;
 
 /// Every socket sends its first event the moment its CONNECT arrives. socketioxide sends
-/// CONNECT before it calls the connect handler, in a task of its own; an event that comes
-/// in between finds no handler and is dropped, without an error on either side. The
-/// window is narrow, so this connects many sockets, one at a time, each with the other
-/// runtime thread idle to take the event: registered in a middleware (the example's
-/// `register_on_connect`), the handler is always there first.
+/// CONNECT before it calls the connect handler, in a task of its own, and only between the
+/// two marks the socket connected: an event that comes in before the handler is registered
+/// is dropped, and one that comes in before the mark has its emits refused, without an
+/// error on either side. The windows are narrow, so this connects many sockets, one at a
+/// time, each with the other runtime thread idle to take the event. Registered in a
+/// middleware, with the answers held until the connect handler has run (the example's
+/// `register_on_connect` and `mark_connected`), every first event gets its ack and its
+/// `done` event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_sent_the_moment_the_socket_connects_is_answered() {
     let (url, _server) = start(ServerMode::Sync).await;
     let mut lost = Vec::new();
     for seq in 0..EAGER_CLIENTS {
-        let client = connect(&url, Transport::WebSocket).await;
+        let mut client = connect(&url, Transport::WebSocket).await;
         let work = Work(json!({ "seq": seq, "delay_ms": 0 }));
         let ack = client.tx.emit(work).await.unwrap();
-        match timeout(WAIT, ack).await {
-            Ok(ack) => assert_eq!(ack.unwrap().payload.0, json!({ "seq": seq })),
+        let answers = timeout(WAIT, async {
+            let ack = ack.await.expect("an ack").payload.0;
+            (ack, next_event(&mut client).await)
+        })
+        .await;
+        match answers {
+            Ok((ack, (name, data))) => {
+                assert_eq!(ack, json!({ "seq": seq }));
+                assert_eq!((name.as_str(), data), ("done", json!({ "seq": seq })));
+            }
             Err(_) => lost.push(seq),
         }
     }
     assert!(
         lost.is_empty(),
-        "no answer to the first event of sockets {lost:?}"
+        "no ack or no done event for the first event of sockets {lost:?}"
     );
 }

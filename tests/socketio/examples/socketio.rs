@@ -65,6 +65,13 @@
 //! namespace and before CONNECT is sent, so [`app`] registers `on_event` there
 //! ([`register_on_connect`]).
 //!
+//! Between the same two steps socketioxide marks the socket connected, and until then it
+//! refuses every emit on it (`SocketError::Closed`): an event that arrives in between runs,
+//! but its `done` or `error` event is dropped. The connect handler comes right after that
+//! mark, so [`mark_connected`] sets a signal of the socket's, and each event's spawned part
+//! waits for it before the dispatcher's future starts. That costs nothing in order, which
+//! `call()` has already fixed.
+//!
 //! The glue is a few lines of this example rather than a feature of the crate: it depends
 //! on socketioxide's handler traits and minimum Rust, which the layer itself does not.
 //!
@@ -93,6 +100,7 @@ use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
 use socketioxide::handler::ConnectHandler;
 use socketioxide::socket::Sid;
 use tokio::net::TcpListener;
+use tokio::sync::SetOnce;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service, service_fn};
 use tower_sync_engine::{Mode, Stats, SyncEngine, SyncEngineLayer};
@@ -241,9 +249,17 @@ fn send_error(socket: &SocketRef, event: &str, message: String) {
     let _ = socket.emit("error", &json!({ "event": event, "message": message }));
 }
 
+/// Set once socketioxide has marked its socket connected, which it does after it has sent
+/// the client CONNECT; until then, the socket's emits fail (see the module docs).
+#[derive(Clone, Default)]
+struct Connected(Arc<SetOnce<()>>);
+
 /// The right handler: `call()` in the synchronous part, so each event takes its place in
-/// its socket's line in the order socketioxide received it.
+/// its socket's line in the order socketioxide received it. Register it from a connect
+/// middleware ([`register_on_connect`]), with [`mark_connected`] as the connect handler.
 pub fn on_event(socket: &SocketRef, events: Events) {
+    let connected = Connected::default();
+    socket.extensions.insert(connected.clone());
     socket.on_fallback(
         move |socket: SocketRef,
               Event(name): Event,
@@ -252,8 +268,12 @@ pub fn on_event(socket: &SocketRef, events: Events) {
             let event = SocketEvent::new(&socket, &name, data, ack);
             // `SyncEngine::poll_ready` is always ready, so the service is called at once.
             let response = events.clone().call(event);
+            let connected = connected.clone();
             // Spawned by socketioxide: waits for the event's turn and runs the handler.
             async move {
+                // The dispatcher's future has not started yet: it answers only once the
+                // socket is marked connected, so that its emits are not refused.
+                connected.0.wait().await;
                 if let Err(error) = response.await {
                     // `Overloaded`: the socket already has `MAX_QUEUED_PER_SOCKET` waiting.
                     send_error(&socket, &name, error.to_string());
@@ -293,6 +313,16 @@ pub fn register_on_connect(
     }
 }
 
+/// The connect handler: socketioxide calls it right after it marks the socket connected,
+/// so it lets the events that arrived before that answer (see [`on_event`]).
+pub fn mark_connected(socket: SocketRef) -> Ready<()> {
+    if let Some(Connected(connected)) = socket.extensions.get::<Connected>() {
+        // Only the first call sets it; socketioxide calls this once per socket.
+        let _ = connected.set(());
+    }
+    ready(())
+}
+
 /// The axum app, with socketioxide mounted as a layer, and its [`Server`] handle.
 pub fn app(ordering: ServerMode) -> (Router, Server) {
     let policy: Policy = match ordering {
@@ -305,10 +335,7 @@ pub fn app(ordering: ServerMode) -> (Router, Server) {
 
     let (socketio, io) = SocketIo::new_layer();
     // `on_event` goes in before CONNECT is sent: in a middleware, not the connect handler.
-    io.ns(
-        "/",
-        (|_: SocketRef| ready(())).with(register_on_connect(events)),
-    );
+    io.ns("/", mark_connected.with(register_on_connect(events)));
     let server = Server {
         layer,
         io,
