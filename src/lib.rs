@@ -115,6 +115,94 @@
 //! middleware; this crate's own error is [`error::Overloaded`]. The HTTP flavour keeps
 //! the inner service's error type instead (see [With axum](#with-axum)).
 //!
+//! # Several keys at once
+//!
+//! A transfer between two accounts, a move from one room to another, an edit that
+//! touches two documents: each must be ordered against every key it touches. Give such
+//! a request [`Mode::sync_all`]:
+//!
+//! ```
+//! use tower::{BoxError, Layer, Service, service_fn};
+//! use tower_sync_engine::{Mode, SyncEngineLayer};
+//!
+//! enum Op { Deposit { account: u64 }, Transfer { from: u64, to: u64 }, Balance }
+//!
+//! fn by_accounts(op: &Op) -> Mode<u64> {
+//!     match op {
+//!         Op::Deposit { account } => Mode::Sync(*account),
+//!         // Ordered against both accounts, in whatever order the request names them.
+//!         Op::Transfer { from, to } => Mode::sync_all([*from, *to]),
+//!         Op::Balance => Mode::Concurrent,
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let bank = service_fn(|_op: Op| async move { Ok::<_, BoxError>(()) });
+//! let layer = SyncEngineLayer::new(by_accounts);
+//! let mut service = layer.layer(bank);
+//!
+//! let first = service.call(Op::Transfer { from: 1, to: 2 });
+//! let second = service.call(Op::Transfer { from: 2, to: 1 });
+//! let deposit = service.call(Op::Deposit { account: 1 });
+//! // The first transfer holds both accounts; the second waits on both, the deposit on
+//! // account 1, behind the second: one order, the order of the calls, on every key.
+//! let stats = layer.stats();
+//! assert_eq!((stats.keys, stats.in_flight, stats.queued), (2, 2, 3));
+//! first.await?;
+//! second.await?;
+//! deposit.await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! **How.** Inside `call()`, the request takes its place in every key's line in one
+//! step: it locks the shards of its keys in ascending shard order, joins each key's line
+//! (or takes a free key) exactly as a `Mode::Sync` request would, and only then releases
+//! the locks. Two requests that share a key both hold that key's shard lock while they
+//! take their places, so whichever took its places first did so on every key they
+//! share: every line agrees on one order, the order of those steps, which is the order
+//! of the `call()`s whenever one returns before the next begins. A request waits only
+//! for requests ahead of it, which took their places earlier, so no set of requests can
+//! wait for each other in a cycle: **no deadlock can form**, for any mix of single- and
+//! multi-key requests, any key order inside a set and any `permits_per_key`, without
+//! deadlock detection and without retries. The request is called once it is the head of
+//! every one of its keys' lines.
+//!
+//! **The rest is as for one key**, on every key of the set:
+//!
+//! - Duplicated keys count once; [`Mode::sync_all`] of no keys is `Mode::Concurrent`,
+//!   and of one key `Mode::Sync`.
+//! - Dropping the response future in any state (waiting on every key, head on some,
+//!   running) gives up every place at once and passes each key on.
+//! - Limits are all or nothing: if any key's line is full (`max_queue_per_key`) or the
+//!   request's new keys would pass `max_keys`, `call()` answers
+//!   [`Overloaded`](error::Overloaded) at once and leaves nothing behind on any key.
+//! - The HTTP flavour holds every key until the response body ends.
+//! - Foreign code (the keys' `Hash`, `Eq` and `Drop`, wakers, subscribers) keeps the
+//!   guarantees it has for one key.
+//!
+//! **Counts and events are per key.** In [`Stats`], a request on several keys is counted
+//! on each of them: in `in_flight` once for every key whose permit it holds, in `queued`
+//! once for every key it waits on; `keys` counts distinct keys. With `tracing`, it emits
+//! one `queued` event for every key it waits on, and one `admitted` event as it becomes
+//! the head of each of those. With `metrics`, `tower_sync_engine_waits_total` and
+//! `tower_sync_engine_wait_seconds` count and time each key it waited on, and a
+//! rejection counts once.
+//!
+//! **A convoy.** While a multi-key request waits for one of its keys, it holds its place
+//! on the others, and requests behind it there wait too: a transfer stuck behind a slow
+//! request on account 2 holds up later deposits to account 1. That is the price of one
+//! order on every key. Keep sets to the keys a request must be ordered against (read
+//! balances with `Mode::Concurrent`), keep handlers short, and bound the wait with a
+//! timeout outside the layer and the lines with
+//! [`max_queue_per_key`](SyncEngineLayer::max_queue_per_key).
+//!
+//! `examples/ledger.rs` runs thousands of random transfers this way from many tasks,
+//! checks that money is conserved and every account runs in call order, and compares one
+//! global lock (correct, slower) and per-account mutexes locked in request order, which
+//! deadlock.
+//!
 //! # Composition
 //!
 //! - A `Timeout` **outside** this layer covers the time spent waiting for the key as

@@ -7,8 +7,8 @@
 //!
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
-//! | `tower_sync_engine_waits_total` | counter | `domain` | `Mode::Sync` requests that could not start at once and joined their key's line, in `call()` (the `queued` event) |
-//! | `tower_sync_engine_wait_seconds` | histogram | `domain` | for each request that waited and then got its turn, the seconds from its `call()` until it became the head of its key (the `admitted` event); a request dropped while it waits is in `waits_total` only |
+//! | `tower_sync_engine_waits_total` | counter | `domain` | `Mode::Sync` requests that could not start at once and joined their key's line, in `call()` (the `queued` event); a `Mode::SyncAll` request once for every key whose line it joined |
+//! | `tower_sync_engine_wait_seconds` | histogram | `domain` | for each request that waited and then got its turn, the seconds from its `call()` until it became the head of its key (the `admitted` event), for a `Mode::SyncAll` request once for every such key; a request dropped while it waits is in `waits_total` only |
 //! | `tower_sync_engine_rejections_total` | counter | `domain`, `limit` | requests rejected at once with [`Overloaded`](crate::error::Overloaded); `limit` is the [`Limit`]'s name: `max_queue_per_key` or `max_keys` |
 //! | `tower_sync_engine_keys` | gauge | `domain` | [`Stats::keys`]: keys that some request holds or waits for |
 //! | `tower_sync_engine_in_flight` | gauge | `domain` | [`Stats::in_flight`]: requests holding a permit of their key |

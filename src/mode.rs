@@ -97,12 +97,61 @@
 ///     }
 /// });
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Mode<K> {
+    /// Go straight to the inner service. The request takes no place in any queue, is
+    /// never delayed by one, and touches no shared state.
+    // PERF: layer_concurrent. First, so that its tag is zero and a pass-through is
+    // told apart by one test.
+    Concurrent,
     /// Run after every earlier request with the same key has completed or been dropped,
     /// in the order `call()` was invoked.
     Sync(K),
-    /// Go straight to the inner service. The request takes no place in any queue, is
-    /// never delayed by one, and touches no shared state.
-    Concurrent,
+    /// Run after every earlier request that shares **any** of these keys has completed or
+    /// been dropped: ordered on every key at once, in the order `call()` was invoked.
+    /// Build it with [`Mode::sync_all`].
+    ///
+    /// The request takes its place in every key's line in one step, inside `call()`, so
+    /// every line agrees on one order and no set of requests can wait for each other in
+    /// a cycle: there is no deadlock, whatever the keys and their order in each set (see
+    /// [Several keys at once](crate#several-keys-at-once)). Duplicated keys count once;
+    /// no keys at all behaves as [`Mode::Concurrent`], and one key exactly as
+    /// [`Mode::Sync`].
+    ///
+    /// A `Vec`, because a set is built from whatever a request names (two accounts, a
+    /// list of documents) and may have any length; boxed, so that a `Mode` stays as
+    /// small as it was before this variant (two words for a `u64` key) and every
+    /// policy's answer is as cheap to return.
+    // PERF: layer_concurrent, layer_sync_new_key.
+    SyncAll(Box<Vec<K>>),
+}
+
+impl<K> Mode<K> {
+    /// A request ordered against every key of `keys` at once: [`Mode::SyncAll`], or
+    /// [`Mode::Concurrent`] when `keys` is empty and [`Mode::Sync`] when it holds one key.
+    ///
+    /// ```
+    /// use tower_sync_engine::Mode;
+    ///
+    /// // A transfer is ordered against both accounts: it waits for every earlier request
+    /// // on either one, and every later request on either waits for it.
+    /// struct Transfer { from: u64, to: u64, amount: u64 }
+    /// fn by_accounts(transfer: &Transfer) -> Mode<u64> {
+    ///     Mode::sync_all([transfer.from, transfer.to])
+    /// }
+    ///
+    /// let transfer = Transfer { from: 1, to: 2, amount: 10 };
+    /// assert_eq!(by_accounts(&transfer), Mode::SyncAll(Box::new(vec![1, 2])));
+    /// assert_eq!(Mode::sync_all([7]), Mode::Sync(7));
+    /// assert_eq!(Mode::<u64>::sync_all([]), Mode::Concurrent);
+    /// # let _ = transfer.amount;
+    /// ```
+    pub fn sync_all(keys: impl IntoIterator<Item = K>) -> Mode<K> {
+        let mut keys: Vec<K> = keys.into_iter().collect();
+        match keys.len() {
+            0 => Mode::Concurrent,
+            1 => Mode::Sync(keys.pop().expect("one key")),
+            _ => Mode::SyncAll(Box::new(keys)),
+        }
+    }
 }

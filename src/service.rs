@@ -232,6 +232,7 @@ impl<S, P, K, H> SyncEngine<S, P, K, H> {
         match self.policy.classify(&request) {
             Mode::Concurrent => T::from(Turn::concurrent(&mut self.inner, request)),
             Mode::Sync(key) => self.start_sync(key, request),
+            Mode::SyncAll(keys) => self.start_sync_all(keys, request),
         }
     }
 
@@ -246,6 +247,28 @@ impl<S, P, K, H> SyncEngine<S, P, K, H> {
         T: From<Turn<S, Req, K>>,
     {
         Turn::sync(&mut self.inner, &self.registry, key, request)
+    }
+
+    /// The `Mode::SyncAll` step of [`start`](Self::start). An empty set is
+    /// `Mode::Concurrent`.
+    // PERF: layer_sync_new_key. Out of line, so that the single-key path stays as it was.
+    #[inline(never)]
+    #[expect(
+        clippy::box_collection,
+        clippy::boxed_local,
+        reason = "the box `Mode::SyncAll` carries is opened here, out of the keyed path"
+    )]
+    fn start_sync_all<Req, T>(&mut self, keys: Box<Vec<K>>, request: Req) -> T
+    where
+        S: Service<Req> + Clone,
+        K: Hash + Eq,
+        H: BuildHasher,
+        T: From<Turn<S, Req, K>>,
+    {
+        if keys.is_empty() {
+            return T::from(Turn::concurrent(&mut self.inner, request));
+        }
+        Turn::sync_all(&mut self.inner, &self.registry, *keys, request)
     }
 }
 

@@ -10,6 +10,10 @@
 /// Reading them visits every shard, so they suit a metrics gauge sampled now and then
 /// rather than a check on every request.
 ///
+/// The counts are per key: a `Mode::SyncAll` request is counted on each of its keys, in
+/// `in_flight` for every key whose permit it holds and in `queued` for every key it
+/// waits on (see [Several keys at once](crate#several-keys-at-once)).
+///
 /// ```
 /// use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 /// use tower_sync_engine::{Mode, SyncEngineLayer};
@@ -41,12 +45,14 @@
 pub struct Stats {
     /// Keys that some request holds or waits for. Idle keys are not stored.
     pub keys: usize,
-    /// `Mode::Sync` requests holding one of their key's permits: running, or allowed to
-    /// start and not yet polled. With the HTTP flavour, a request holds its permit until
-    /// its response body ends.
+    /// Permits held: `Mode::Sync` requests holding one of their key's permits (running,
+    /// or allowed to start and not yet polled), and a `Mode::SyncAll` request once for
+    /// every key whose permit it holds. With the HTTP flavour, a request holds its
+    /// permits until its response body ends.
     pub in_flight: usize,
-    /// `Mode::Sync` requests waiting for their turn: behind a request that holds their
-    /// key's last permit, or behind one that has not started yet. They hold no permit;
+    /// Places waiting for their turn: `Mode::Sync` requests behind a request that holds
+    /// their key's last permit, or behind one that has not started yet, and a
+    /// `Mode::SyncAll` request once for every key it waits on. They hold no permit;
     /// [`max_queue_per_key`](crate::SyncEngineLayer::max_queue_per_key) bounds them.
     pub queued: usize,
 }

@@ -15,6 +15,10 @@
 //! - `admitted`, with `waited_us`: microseconds from `call()` until it became the head of
 //!   its key, free to start.
 //!
+//! A `Mode::SyncAll` request emits both for every key it waits on: one `queued` per such
+//! key, in `call()`, and one `admitted` as it becomes the head of each. The metrics count
+//! and time each of those keys the same way.
+//!
 //! The wait is timed with `std::time::Instant`, so the events need no runtime. With the
 //! `tokio-clock` feature it is timed with `tokio::time::Instant` instead: a paused tokio
 //! clock (`tokio::time::pause`, `#[tokio::test(start_paused = true)]`) then gives exact,

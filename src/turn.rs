@@ -76,7 +76,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::error::Overloaded;
-use crate::registry::{Claim, Claimed, Queued, Registry, let_go};
+use crate::registry::{Claim, Claimed, ClaimedAll, Queued, Registry, let_go};
 
 const POLLED_AFTER_COMPLETION: &str = "ResponseFuture polled after completion";
 
@@ -203,8 +203,41 @@ where
         turn
     }
 
-    /// The key was free and more than one request per key may run: the requests in line
-    /// wait for this one to start, so the shard is told once the inner service is called.
+    /// Takes the place of a `Mode::SyncAll` request on every key at once, inside
+    /// `call()`, and calls the inner service at once when every key is free, as
+    /// [`sync`](Self::sync) does for one key.
+    pub(crate) fn sync_all<H, T>(
+        inner: &mut S,
+        registry: &Registry<K, H>,
+        keys: Vec<K>,
+        request: Req,
+    ) -> T
+    where
+        K: Hash + Eq,
+        H: BuildHasher,
+        T: From<Self>,
+    {
+        let ClaimedAll {
+            claim,
+            queued,
+            spare_keys,
+        } = match registry.claim_all(keys) {
+            Ok(claimed) => claimed,
+            Err(overloaded) => return T::from(Turn::Rejected { overloaded }),
+        };
+        let turn = if queued.is_empty() {
+            T::from(Self::start_notifying(inner, request, claim))
+        } else {
+            T::from(Self::wait(inner, request, claim, queued))
+        };
+        // As in `sync`: the keys' `Drop` runs once the claim is in the response future.
+        spare_keys.let_go();
+        turn
+    }
+
+    /// The key (or every key) was free, and the inner service is called at once if it is
+    /// ready. When more than one request per key may run, or the claim leads a set, the
+    /// shards are told once the inner service is called.
     fn start_notifying(inner: &mut S, request: Req, mut claim: Claim<K>) -> Self {
         match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(())) => {
@@ -224,15 +257,21 @@ where
         }
     }
 
-    /// A turn that waits for its key (`queued`) or for a ready inner service.
-    fn wait(inner: &mut S, request: Req, claim: Claim<K>, queued: Option<Queued>) -> Self {
+    /// A turn that waits for its keys (`queued`, one event per key it waits on) or for a
+    /// ready inner service.
+    fn wait(
+        inner: &mut S,
+        request: Req,
+        claim: Claim<K>,
+        queued: impl IntoIterator<Item = Queued>,
+    ) -> Self {
         let turn = Turn::Unstarted {
             service: take_ready_handle(inner),
             request: Some(request),
             claim: Some(claim),
         };
-        // The event is foreign code: emitted once the claim is in the turn.
-        if let Some(queued) = queued {
+        // The events are foreign code: emitted once the claim is in the turn.
+        for queued in queued {
             queued.announce();
         }
         turn
@@ -293,6 +332,8 @@ where
     /// is the head and the inner service is ready, and calls it. Answers `None` once the
     /// turn is `Running` (or `Passing`, without a claim), and how it ended if readiness
     /// failed.
+    // PERF: hand_off_layer, layer_sync_live_key. Always inlined into both callers.
+    #[inline(always)]
     fn poll_start(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -10,6 +10,9 @@ mod dispatcher;
 #[path = "../examples/http_session.rs"]
 mod http_session;
 #[allow(dead_code)]
+#[path = "../examples/ledger.rs"]
+mod ledger;
+#[allow(dead_code)]
 #[path = "../examples/soak.rs"]
 mod soak;
 mod support;
@@ -273,6 +276,74 @@ async fn websocket_bad_frames_get_error_replies_and_the_connection_stays_up() {
     }
     send_frames(&mut client, &[(9, 0)]).await;
     assert_eq!(reply_seqs(&mut client, 1).await, [9]);
+}
+
+// ---- ledger ----
+
+fn ledger_line<'a>(lines: &'a [String], label: &str) -> &'a str {
+    lines
+        .iter()
+        .find(|line| line.starts_with(label))
+        .unwrap_or_else(|| panic!("no {label} line in {lines:#?}"))
+}
+
+/// Few accounts and many tasks, so that most requests share an account with another
+/// one in flight.
+fn small_ledger() -> ledger::Config {
+    ledger::Config {
+        accounts: 8,
+        transfers: 400,
+        deposits: 40,
+        reads: 40,
+        tasks: 16,
+        ..ledger::Config::default()
+    }
+}
+
+// On a paused clock, reaching the timeout proves a deadlock: the clock moves only when no
+// task can run, to the next timer, so it passes the 1 ms round trips and reaches 2 s only
+// once no task sleeps and none can run.
+#[tokio::test(start_paused = true)]
+async fn ledger_sync_all_keeps_the_books_where_per_account_mutexes_deadlock() {
+    // The same bound turns a layer that hangs into a failure.
+    let summary = tokio::time::timeout(Duration::from_secs(60), ledger::run(small_ledger()))
+        .await
+        .expect("the layer's and the global lock's runs finish")
+        .unwrap();
+    let lines = summary.lines();
+    let layer = ledger_line(&lines, "sync_all layer:");
+    assert!(
+        layer.ends_with(" req/s, conserved, in call order"),
+        "{layer}"
+    );
+    let global = ledger_line(&lines, "global lock:");
+    assert!(global.contains(" req/s, conserved, "), "{global}");
+    let per_account = ledger_line(&lines, "per-account mutexes:");
+    assert!(
+        per_account.contains(" deadlocked (timed out after 2 s, "),
+        "{per_account}"
+    );
+    assert!(summary.passed(), "{summary:#?}");
+}
+
+// Threads, as the program runs on: requests of one account on both at once. The clock is
+// real, so nothing timed is asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_sync_all_keeps_the_books_on_two_worker_threads() {
+    let summary = ledger::run(ledger::Config {
+        // Deadlocked or not, the per-account mutexes are not what this test is about.
+        deadlock_timeout: Duration::from_millis(100),
+        ..small_ledger()
+    })
+    .await
+    .unwrap();
+    let lines = summary.lines();
+    let layer = ledger_line(&lines, "sync_all layer:");
+    assert!(
+        layer.ends_with(" req/s, conserved, in call order"),
+        "{layer}"
+    );
+    assert!(summary.passed(), "{summary:#?}");
 }
 
 // ---- soak ----

@@ -333,6 +333,43 @@ fn repeated_bursts_of_two_per_key_allocate_almost_nothing() {
     );
 }
 
+/// Requests on two keys (`Mode::sync_all`) give back what they took: the places parked
+/// for their other keys too.
+#[test]
+fn requests_on_two_keys_give_their_memory_back() {
+    let mut cx = Context::from_waker(Waker::noop());
+    // Below 1 << 40, a request is ordered on keys n and n + 1; above, on one key.
+    const ONE: u64 = 1 << 40;
+    let layer = SyncEngineLayer::new(|n: &u64| match n.checked_sub(ONE) {
+        Some(key) => Mode::Sync(key),
+        None => Mode::sync_all([*n, *n + 1]),
+    });
+    let mut service = layer.layer(Echo);
+    // The same keys, two requests on each, one key at a time: the shards' tables and
+    // lines grow to what the pairs need, and keep what they keep.
+    for _ in 0..2 {
+        let held: Vec<_> = (0..=20_000u64)
+            .flat_map(|key| [key + ONE, key + ONE])
+            .map(|request| service.call(request))
+            .collect();
+        drop(held);
+    }
+    // A few pairs: what a shard keeps for the pairs it leads.
+    let held: Vec<_> = (0..200u64).map(|n| service.call(n)).collect();
+    drop(held);
+    let baseline = live_bytes();
+    // Every pair shares a key with the next, so most of them wait.
+    let held: Vec<_> = (0..20_000u64).map(|n| service.call(n)).collect();
+    assert_eq!(layer.stats().keys, 20_001);
+    assert!(live_bytes() - baseline > 20_000 * 40);
+    drop(held);
+    assert!(layer.stats().is_idle());
+    let kept = live_bytes() - baseline;
+    assert!(kept <= SLACK, "{kept} bytes kept after a burst of pairs");
+    let mut future = pin!(service.call(1));
+    assert!(future.as_mut().poll(&mut cx).is_ready());
+}
+
 /// Shards of a domain on this machine: 32 per core, a power of two, at most 1,024.
 fn shards() -> isize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -234,6 +234,51 @@ async fn waits_rejections_and_the_wait_histogram_count_exactly_what_happened() {
     assert!(layer.stats().is_idle());
 }
 
+/// Keys from 100 on name a pair: 100 + k is ordered on keys k and k + 1.
+fn by_key_or_pair(job: &Job) -> Mode<u64> {
+    match job.0.checked_sub(100) {
+        Some(first) => Mode::sync_all([first, first + 1]),
+        None => Mode::Sync(job.0),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_on_two_keys_counts_a_wait_on_each_and_a_rejection_once() {
+    let recorder = Captured::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let layer = SyncEngineLayer::new(by_key_or_pair)
+        .max_queue_per_key(1)
+        .metrics_domain("docs");
+    let mut service = layer.layer(worker());
+
+    // Keys 1 and 2 run for 100 ms; the pair waits on both; a second pair finds both
+    // lines full and is rejected, once, leaving nothing behind.
+    let one = tokio::spawn(service.ready().await.unwrap().call((1, 100)));
+    let two = tokio::spawn(service.ready().await.unwrap().call((2, 100)));
+    let pair = tokio::spawn(service.ready().await.unwrap().call((101, 10)));
+    let full = service
+        .ready()
+        .await
+        .unwrap()
+        .call((101, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(limit_of(&full), Limit::MaxQueuePerKey);
+    assert_eq!(recorder.counter(WAITS_TOTAL, &DOCS), 2);
+    let rejected = recorder.counter(REJECTIONS_TOTAL, &[DOCS[0], ("limit", "max_queue_per_key")]);
+    assert_eq!(rejected, 1);
+
+    for request in [one, two, pair] {
+        request.await.unwrap().unwrap();
+    }
+    let waits = recorder.histogram(WAIT_SECONDS, &DOCS);
+    assert_eq!(waits.len(), 2, "one wait for each key: {waits:?}");
+    if cfg!(feature = "tokio-clock") {
+        assert_eq!(waits, [secs(100), secs(100)]);
+    }
+    assert!(layer.stats().is_idle());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_request_that_gets_its_key_at_once_records_nothing() {
     let recorder = Captured::default();

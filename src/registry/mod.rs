@@ -125,6 +125,8 @@
 //!   the pointer is read back whole right after (a move of the claim), and a load that
 //!   spans several earlier stores cannot take its value from them: a stall on every
 //!   request.
+//! - **Sets of keys stay off this path** ([`all`]'s Performance section): a claim that
+//!   leads a `Mode::SyncAll` request's set is told apart by a flag, not a type.
 //! - **The start notice** (`hand_off_layer`, `permits_per_key` > 1): the shard is told
 //!   through the claim's fields (`notify_started`), not its address, which would force a
 //!   claim held in registers out to memory first.
@@ -146,6 +148,7 @@
 //!   the tidying itself, rarely needed, is a function of its own; the same for the
 //!   binary search that finds a waiter once the line has been compacted.
 
+mod all;
 mod foreign;
 mod keys;
 mod line;
@@ -159,6 +162,8 @@ use std::num::NonZeroUsize;
 use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 
+pub(crate) use self::all::ClaimedAll;
+use self::all::Sets;
 use self::foreign::LetGo;
 pub(crate) use self::foreign::let_go;
 use self::line::Polled;
@@ -200,15 +205,24 @@ struct ShardCell<K> {
     /// them: a claim keeps only its shard alive, not the registry.
     settings: Settings,
     shard: Mutex<Shard<K>>,
+    /// The places that `Mode::SyncAll` requests led from this shard hold on their other
+    /// keys ([`all`]).
+    sets: Sets<K>,
 }
 
 /// A request's place on its key, from `call()` until the request is done.
 ///
 /// Dropping it, in any state, gives the place up and lets the next claim in line go.
+///
+/// The claim of a `Mode::SyncAll` request on its first key *leads* the set: it owns the
+/// request's places on its other keys, parked in its shard ([`all`]), is the head only
+/// once each of them is, and gives them all up when dropped.
 // PERF: layer_sync_new_key (the module's Performance section: the claim's layout).
 #[repr(C)]
 pub(crate) struct Claim<K> {
     state: ClaimState,
+    /// Whether this claim leads a `Mode::SyncAll` request's set.
+    leads_set: bool,
     /// Where the key's entry was last seen in the shard's table.
     bucket: u32,
     cell: Arc<ShardCell<K>>,
@@ -227,6 +241,24 @@ enum ClaimState {
     InLine { registered: bool },
     /// Holds a permit. `head` while it is still marked as the unstarted head.
     Holding { head: bool },
+}
+
+impl ClaimState {
+    /// The state, ticket and `queued` event of a claim that took a place at `position`.
+    #[inline]
+    fn placed(position: Position, settings: &Settings) -> (Self, u64, Option<Queued>) {
+        match position {
+            Position::Head => (ClaimState::Holding { head: true }, 0, None),
+            Position::Waiting { ticket, depth } => (
+                ClaimState::InLine { registered: false },
+                ticket,
+                Some(Queued {
+                    depth,
+                    domain: settings.metrics_domain,
+                }),
+            ),
+        }
+    }
 }
 
 impl<K, H> Registry<K, H> {
@@ -282,6 +314,7 @@ impl<K, H> Registry<K, H> {
                     Arc::new(ShardCell {
                         settings: self.settings,
                         shard: Mutex::new(Shard::new(budget.clone())),
+                        sets: Sets::default(),
                     })
                 })
                 .collect()
@@ -347,20 +380,11 @@ where
                 return Err(overloaded);
             }
         };
-        let (state, ticket, queued) = match place.position {
-            Position::Head => (ClaimState::Holding { head: true }, 0, None),
-            Position::Waiting { ticket, depth } => (
-                ClaimState::InLine { registered: false },
-                ticket,
-                Some(Queued {
-                    depth,
-                    domain: cell.settings.metrics_domain,
-                }),
-            ),
-        };
+        let (state, ticket, queued) = ClaimState::placed(place.position, &cell.settings);
         Ok(Claimed {
             claim: Claim {
                 state,
+                leads_set: false,
                 bucket: place.bucket,
                 cell: Arc::clone(cell),
                 hash,
@@ -449,6 +473,23 @@ impl<K> ShardCell<K> {
 }
 
 impl<K> Claim<K> {
+    /// The claim on `cell`'s key with `hash` that took `place`, and its `queued` event if
+    /// it joined the key's line.
+    #[inline(always)]
+    fn placed(cell: &Arc<ShardCell<K>>, hash: u64, place: shard::Place) -> (Self, Option<Queued>) {
+        let (state, ticket, queued) = ClaimState::placed(place.position, &cell.settings);
+        let claim = Claim {
+            state,
+            leads_set: false,
+            bucket: place.bucket,
+            cell: Arc::clone(cell),
+            hash,
+            id: place.id,
+            ticket,
+        };
+        (claim, queued)
+    }
+
     /// True when the shard must be told that this claim started (more than one permit
     /// per key): the claims in line wait for it.
     #[inline]
@@ -459,6 +500,15 @@ impl<K> Claim<K> {
     /// Resolves once this claim is the head of its key and may call the inner service.
     #[inline]
     pub(crate) fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.leads_set {
+            return all::poll_heads(self, cx);
+        }
+        self.poll_own_head(cx)
+    }
+
+    /// [`poll_head`](Self::poll_head) on this claim's own key only.
+    #[inline]
+    fn poll_own_head(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match self.state {
             ClaimState::Holding { .. } => Poll::Ready(()),
             ClaimState::InLine { registered } => self.poll_waiting(registered, cx),
@@ -515,6 +565,9 @@ impl<K> Claim<K> {
             self.state = ClaimState::Holding { head: false };
             deferred.run();
         }
+        if self.leads_set {
+            all::started(self);
+        }
     }
 }
 
@@ -544,6 +597,18 @@ fn notify_started<K>(
 impl<K> Drop for Claim<K> {
     #[inline]
     fn drop(&mut self) {
+        if self.leads_set {
+            all::release_set(self);
+        } else {
+            self.release();
+        }
+    }
+}
+
+impl<K> Claim<K> {
+    /// Gives this claim's own place up and lets the next claim in its line go.
+    #[inline(always)]
+    fn release(&mut self) {
         let leaving = match self.state {
             ClaimState::InLine { .. } => Leaving::Line {
                 ticket: self.ticket,

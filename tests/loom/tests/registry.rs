@@ -22,6 +22,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
@@ -486,6 +487,226 @@ fn a_concurrent_request_is_not_held_up_by_a_release() {
             .filter(|&request| request < CONCURRENT)
             .collect();
         assert_eq!(keyed, [0, 1], "inner call order of the key");
+        assert!(layer.stats().is_idle());
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Multi-key requests (`Mode::sync_all`)
+// ---------------------------------------------------------------------------------------
+
+/// The keys of each request of the multi-key models, by request number.
+const SET_KEYS: [&[u8]; 6] = [&[0, 1], &[1, 0], &[1], &[1], &[0], &[1]];
+
+fn by_set(request: &u32) -> Mode<u8> {
+    Mode::sync_all(SET_KEYS[*request as usize].iter().copied())
+}
+
+/// Hashes a key to itself, so that every execution puts the keys on the same shards:
+/// loom replays executions, and a hash that changed between them would change which
+/// locks a request takes. With the registry's stirring, keys 0 and 1 land on the two
+/// shards a loom registry has, so a set takes both shard locks, in shard order.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = self.0 << 8 | u64::from(byte);
+        }
+    }
+}
+
+type SetHasher = BuildHasherDefault<Identity>;
+type SetEngine = SyncEngine<SetProbe, Policy, u8, SetHasher>;
+
+/// An inner service for requests on sets of keys: records its calls, counts its handlers
+/// running per key and asserts that no key runs more than one, and keeps each handler
+/// mid-flight across one yield.
+#[derive(Clone)]
+struct SetProbe {
+    running: Arc<[AtomicUsize; 2]>,
+    called: Arc<Mutex<Vec<u32>>>,
+}
+
+struct SetProbeFuture {
+    running: Arc<[AtomicUsize; 2]>,
+    request: u32,
+    entered: bool,
+}
+
+impl SetProbeFuture {
+    fn keys(&self) -> &'static [u8] {
+        SET_KEYS[self.request as usize]
+    }
+
+    fn leave(&mut self) {
+        if std::mem::take(&mut self.entered) {
+            for &key in self.keys() {
+                self.running[usize::from(key)].fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl Service<u32> for SetProbe {
+    type Response = u32;
+    type Error = &'static str;
+    type Future = SetProbeFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: u32) -> SetProbeFuture {
+        self.called.lock().unwrap().push(request);
+        SetProbeFuture {
+            running: self.running.clone(),
+            request,
+            entered: false,
+        }
+    }
+}
+
+impl Future for SetProbeFuture {
+    type Output = Result<u32, &'static str>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if !self.entered {
+            self.entered = true;
+            for &key in self.keys() {
+                let now = self.running[usize::from(key)].fetch_add(1, Ordering::SeqCst) + 1;
+                assert!(now <= 1, "{now} handlers of key {key} at once");
+            }
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.leave();
+        Poll::Ready(Ok(self.request))
+    }
+}
+
+impl Drop for SetProbeFuture {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+/// A layer of multi-key requests over the set probe, and what the probe records.
+struct SetModel {
+    layer: SyncEngineLayer<Policy, u8, SetHasher>,
+    service: SetEngine,
+    called: Arc<Mutex<Vec<u32>>>,
+}
+
+fn set_engine() -> SetModel {
+    let layer = SyncEngineLayer::new(by_set as Policy).with_hasher(SetHasher::default());
+    let called = Arc::new(Mutex::new(Vec::new()));
+    let probe = SetProbe {
+        running: Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]),
+        called: called.clone(),
+    };
+    let service = layer.layer(probe);
+    SetModel {
+        layer,
+        service,
+        called,
+    }
+}
+
+#[test]
+fn two_sets_in_opposite_key_orders_race_a_single_key_request() {
+    model(2, || {
+        let SetModel {
+            layer,
+            service,
+            called,
+        } = set_engine();
+        // Requests 0 and 1 name keys 0 and 1, in opposite orders; request 2 names key 1,
+        // the sets' second key in shard order, so that a set can head key 0 while it
+        // waits for key 1. Each is called on a thread of its own, with no lock around
+        // `call()`, so the sets may take their shard locks at the same time. A clock
+        // shared by the threads tells which `call()` returned before another began.
+        let clock = Arc::new(AtomicUsize::new(0));
+        let callers: Vec<_> = (0..3u32)
+            .map(|request| {
+                let mut service = service.clone();
+                let clock = clock.clone();
+                thread::spawn(move || {
+                    let began = clock.fetch_add(1, Ordering::SeqCst);
+                    let future = service.call(request);
+                    let returned = clock.fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(block_on(future).unwrap(), request);
+                    (began, returned)
+                })
+            })
+            .collect();
+        let times: Vec<(usize, usize)> = callers
+            .into_iter()
+            .map(|caller| caller.join().unwrap())
+            .collect();
+        // Every request completed (a wait-for cycle would leave loom with no thread to
+        // run), and on every key a request whose `call()` returned before another's
+        // began was called first.
+        let called = called.lock().unwrap().clone();
+        assert_eq!(called.len(), 3, "{called:?}");
+        let position = |request: u32| called.iter().position(|&r| r == request).unwrap();
+        for earlier in 0..3u32 {
+            for later in 0..3u32 {
+                let shared = SET_KEYS[earlier as usize]
+                    .iter()
+                    .any(|key| SET_KEYS[later as usize].contains(key));
+                if earlier != later && shared && times[earlier as usize].1 < times[later as usize].0
+                {
+                    assert!(
+                        position(earlier) < position(later),
+                        "{later} called before {earlier}: {called:?}"
+                    );
+                }
+            }
+        }
+        assert!(layer.stats().is_idle());
+    });
+}
+
+#[test]
+fn a_set_dropped_while_it_is_handed_one_of_its_keys() {
+    model(3, || {
+        let SetModel {
+            layer,
+            mut service,
+            called,
+        } = set_engine();
+        // Request 3 holds key 1. Request 0 heads key 0 and waits on key 1; requests 4
+        // (key 0) and 5 (key 1) wait behind it.
+        let mut holder = service.call(3);
+        let mut set = service.call(0);
+        let on_zero = service.call(4);
+        let on_one = service.call(5);
+        // The holder's handler is mid-flight. Its release hands key 1 to the set while
+        // another thread polls the set once, with a waker no one uses, and drops it: the
+        // set may run in between (once the holder is gone), or never.
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(Pin::new(&mut holder).poll(&mut cx).is_pending());
+        let release = thread::spawn(move || drop(holder));
+        let cancel = thread::spawn(move || {
+            let mut cx = Context::from_waker(Waker::noop());
+            let _ = Pin::new(&mut set).poll(&mut cx);
+            drop(set);
+        });
+        assert_eq!(block_on(on_zero).unwrap(), 4);
+        assert_eq!(block_on(on_one).unwrap(), 5);
+        release.join().unwrap();
+        cancel.join().unwrap();
+        let called = called.lock().unwrap().clone();
+        assert!(
+            called == [3, 4, 5] || called == [3, 0, 4, 5],
+            "inner call order: {called:?}"
+        );
         assert!(layer.stats().is_idle());
     });
 }
