@@ -18,35 +18,15 @@ use std::hash::RandomState;
 use std::hint::black_box;
 use std::task::{Context, Poll, Waker};
 
-use gungraun::{
-    Callgrind, EntryPoint, LibraryBenchmarkConfig, library_benchmark, library_benchmark_group, main,
-};
+use gungraun::{library_benchmark, library_benchmark_group, main};
 use tower::limit::ConcurrencyLimit;
 use tower::{Layer, Service};
 use tower_sync_engine::{Mode, SyncEngine, SyncEngineLayer};
 
 mod common;
+mod counted;
 use common::{CONCURRENT, MutexMap, echo, one_request, policy, poll_dyn, poll_now};
-
-/// Counts the benchmark function `name` and everything it calls; every benchmark below
-/// uses it.
-///
-/// gungraun's default, `--toggle-collect=*::__gungraun_wrapper_mod::*`, also matches the
-/// closures and async blocks written inside a benchmark function, and their drop glue
-/// (`drop_in_place<…::__gungraun_wrapper_mod::…::{{closure}}>`). Callgrind flips
-/// counting on entering and on leaving each function that matches, so nothing inside
-/// those was counted: the semaphore row's acquire, hand-off, permit drop and `free` run
-/// in its async block and that block's drop glue, and the row read 248 instructions per
-/// request instead of 932. The exact name matches the benchmark function alone, so no
-/// row depends on whether the compiler inlines the closures in it. A name that is not
-/// the function's counts nothing, which `.ci/instruction-gate` rejects.
-fn counted(name: &str) -> LibraryBenchmarkConfig {
-    let mut config = LibraryBenchmarkConfig::default();
-    config.tool(Callgrind::default().entry_point(EntryPoint::Custom(format!(
-        "instructions::{name}::__gungraun_wrapper_mod::{name}"
-    ))));
-    config
-}
+use counted::counted;
 
 /// Requests per benchmark.
 const REQUESTS: u64 = 1_000;
