@@ -81,6 +81,7 @@ use std::task::{Context, Poll};
 use smallvec::SmallVec;
 
 use super::foreign::LetGo;
+use super::shard::Deferred;
 use super::{Claim, Queued, Registry, ShardCell, spread};
 use crate::error::Overloaded;
 use crate::sync::{Arc, Mutex};
@@ -132,20 +133,27 @@ where
         debug_assert!(!keys.is_empty(), "an empty set is Mode::Concurrent");
         let shards = self.shards();
         let mut spare_keys = SpareKeys(SmallVec::new());
-        // Hash and compare (foreign code) before any lock is taken.
-        let mut keyed: SmallVec<[(usize, u64, K); INLINE_KEYS]> =
-            SmallVec::with_capacity(keys.len());
-        for key in keys {
-            let hash = spread(self.hasher.hash_one(&key));
-            keyed.push((shard_index(hash, shards.len()), hash, key));
+        // Hash and compare (foreign code) before any lock is taken. The keys wait in
+        // `pending` until the registry keeps them or lets go of them, so that if a key's
+        // `Hash` or `Eq` panics, the others are dropped as guarantee 6 says. Declared
+        // before the locks, it is dropped after they are released.
+        let mut pending = Pending(keys.into_iter().map(|key| (0, 0, key)).collect());
+        for (shard, hash, key) in pending.0.iter_mut() {
+            *hash = spread(self.hasher.hash_one(&*key));
+            *shard = shard_index(*hash, shards.len());
         }
-        keyed.sort_unstable_by_key(|&(shard, hash, _)| (shard, hash));
+        // In descending order, so that popping the last takes the keys in shard order.
+        pending
+            .0
+            .sort_unstable_by(|(shard, hash, _), (other_shard, other_hash, _)| {
+                (other_shard, other_hash).cmp(&(shard, hash))
+            });
         // Duplicates are next to each other, or at least in the same run of equal
         // hashes: keep the first of each, and move the rest to the end to let go of.
         let mut kept = 0;
-        for next in 0..keyed.len() {
-            let (shard, hash, ref key) = keyed[next];
-            let duplicate = keyed[..kept]
+        for next in 0..pending.0.len() {
+            let (shard, hash, ref key) = pending.0[next];
+            let duplicate = pending.0[..kept]
                 .iter()
                 .rev()
                 .take_while(|&&(other_shard, other_hash, _)| {
@@ -153,27 +161,25 @@ where
                 })
                 .any(|(_, _, other)| other == key);
             if !duplicate {
-                keyed.swap(kept, next);
+                pending.0.swap(kept, next);
                 kept += 1;
             }
         }
-        for (_, _, key) in keyed.drain(kept..) {
+        for (_, _, key) in pending.0.drain(kept..) {
             spare_keys.push(key);
         }
-        let distinct = keyed;
         let since = trace::called_at();
         // The first claim, in shard order, leads; the others are parked with it.
         let mut lead: Option<Claim<K>> = None;
         let mut others: SmallVec<[Claim<K>; INLINE_OTHERS]> = SmallVec::new();
         let mut queued = SmallVec::new();
         let mut rejected = None;
-        let mut unplaced = distinct.into_iter();
         {
             // Declared after the claims: if `K: Eq` panics under these locks, they are
             // released before the claims taken so far give their places back.
             let mut locked: SmallVec<[_; INLINE_KEYS]> = SmallVec::new();
             let mut locked_shard = usize::MAX;
-            for (shard, hash, key) in unplaced.by_ref() {
+            while let Some((shard, hash, key)) = pending.0.pop() {
                 let cell = &shards[shard];
                 if shard != locked_shard {
                     locked.push(cell.lock());
@@ -202,7 +208,7 @@ where
             }
         }
         // The locks are released: the keys after a rejection can be let go of.
-        for (_, _, key) in unplaced {
+        for (_, _, key) in pending.0.drain(..) {
             spare_keys.push(key);
         }
         if let Some(overloaded) = rejected {
@@ -223,6 +229,21 @@ where
             queued,
             spare_keys,
         })
+    }
+}
+
+/// A set's keys with their shards and hashes, on their way into the registry. Dropped
+/// while a panic unwinds (a key's `Hash` or `Eq` panicked), it drops each key under its
+/// own guard, so that a key whose `Drop` panics too cannot abort the process.
+struct Pending<K>(SmallVec<[(usize, u64, K); INLINE_KEYS]>);
+
+impl<K> Drop for Pending<K> {
+    fn drop(&mut self) {
+        if std::mem::needs_drop::<K>() && !self.0.is_empty() && std::thread::panicking() {
+            for (_, _, key) in self.0.drain(..) {
+                drop(LetGo(Some(key)));
+            }
+        }
     }
 }
 
@@ -419,17 +440,35 @@ pub(super) fn poll_heads<K>(lead: &mut Claim<K>, cx: &mut Context<'_>) -> Poll<(
     }
 }
 
-/// Records on the lead's other keys that the inner service has been called.
+/// Records on every key of the lead's set that the inner service has been called (more
+/// than one permit per key), then wakes the claims that may now start: every start is
+/// recorded before any wake, which is foreign code, runs, and a wake that panics does not
+/// keep the others from running.
 #[cold]
 #[inline(never)]
 pub(super) fn started<K>(lead: &mut Claim<K>) {
-    // With one permit per key, a start tells no shard anything.
-    if !lead.cell.announces_starts() {
-        return;
-    }
     let mut unparked = Unparked::take(lead);
+    let mut wakes: SmallVec<[WakeOnDrop<K>; INLINE_KEYS]> = SmallVec::new();
+    wakes.push(WakeOnDrop(Some(unparked.lead.record_start())));
     for claim in &mut unparked.set.others {
-        claim.started();
+        if claim.notifies_start() {
+            wakes.push(WakeOnDrop(Some(claim.record_start())));
+        }
+    }
+    drop(unparked);
+    // Each runs as it is dropped: in order, or, after one has panicked, while that panic
+    // unwinds, when `Deferred::run` contains any further panic.
+    drop(wakes);
+}
+
+/// A start's wake, run when dropped.
+struct WakeOnDrop<K>(Option<Deferred<K>>);
+
+impl<K> Drop for WakeOnDrop<K> {
+    fn drop(&mut self) {
+        if let Some(deferred) = self.0.take() {
+            deferred.run();
+        }
     }
 }
 

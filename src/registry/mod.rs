@@ -381,6 +381,8 @@ where
             }
         };
         let (state, ticket, queued) = ClaimState::placed(place.position, &cell.settings);
+        // PERF: layer_sync_new_key. Built here rather than by `Claim::placed`, whose
+        // tuple the claim goes through: 4 instructions more per request.
         Ok(Claimed {
             claim: Claim {
                 state,
@@ -558,16 +560,24 @@ impl<K> Claim<K> {
         // With one permit nobody can be granted while this claim holds the key, so
         // nobody waits for its start: the mark is cleared when it releases instead.
         if self.notifies_start() {
-            // PERF: hand_off_layer (Performance: the start notice).
-            let (bucket, deferred) = notify_started(&self.cell, self.hash, self.id, self.bucket);
-            // Recorded before the deferred wake runs any foreign code (invariant 6).
-            self.bucket = bucket;
-            self.state = ClaimState::Holding { head: false };
-            deferred.run();
+            // A set's starts are all recorded before any of them wakes anyone. With one
+            // permit per key, a set has no start to tell either.
+            if self.leads_set {
+                return all::started(self);
+            }
+            self.record_start().run();
         }
-        if self.leads_set {
-            all::started(self);
-        }
+    }
+
+    /// Tells this claim's shard that it has started, and returns the wake to run then.
+    // PERF: hand_off_layer (Performance: the start notice).
+    #[inline]
+    fn record_start(&mut self) -> shard::Deferred<K> {
+        let (bucket, deferred) = notify_started(&self.cell, self.hash, self.id, self.bucket);
+        // Recorded before the deferred wake runs any foreign code (invariant 6).
+        self.bucket = bucket;
+        self.state = ClaimState::Holding { head: false };
+        deferred
     }
 }
 
