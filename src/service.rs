@@ -251,7 +251,10 @@ impl<S, P, K, H> SyncEngine<S, P, K, H> {
 
     /// The `Mode::SyncAll` step of [`start`](Self::start). An empty set is
     /// `Mode::Concurrent`.
-    // PERF: layer_sync_new_key. Out of line, so that the single-key path stays as it was.
+    // PERF: layer_sync_new_key, layer_concurrent. Out of line, so that the single-key
+    // path stays as it was; cold, so that the pass-through keeps its branch layout (69 →
+    // 68 instructions per `Mode::Concurrent` request).
+    #[cold]
     #[inline(never)]
     #[expect(
         clippy::box_collection,
