@@ -20,6 +20,9 @@
 //! every request the model says may start now has been woken. At the end every request
 //! must complete and the layer must be idle.
 
+#[path = "support/sets.rs"]
+mod sets;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -27,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use proptest::prelude::*;
+use sets::keys_of;
 use tokio_test::task::{self, Spawn};
 use tower::{Layer, Service};
 use tower_sync_engine::{Mode, SyncEngineLayer};
@@ -74,18 +78,6 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// A request: its mode and its id.
 type Request = (Mode<u8>, usize);
-
-/// The distinct keys of a mode, sorted; none for `Mode::Concurrent`.
-fn keys_of(mode: &Mode<u8>) -> Vec<u8> {
-    let mut keys = match mode {
-        Mode::Sync(key) => vec![*key],
-        Mode::SyncAll(keys) => keys.to_vec(),
-        Mode::Concurrent => Vec::new(),
-    };
-    keys.sort_unstable();
-    keys.dedup();
-    keys
-}
 
 /// Where a request's handler counts as running: each of its keys, or `None` for a
 /// request with no key.

@@ -6,46 +6,28 @@
 //! Most tests drive the response futures by hand, with an inner service whose handlers
 //! finish only when the test says so, and assert each step exactly.
 
+#[path = "support/sets.rs"]
+mod sets;
 mod support;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
+use sets::{Finishes, Policy, Req, all, counts, keys_of, layer, one};
 use support::{KEY_DROP_PANIC, Key, Rng};
 use tokio_test::task::{self, Spawn};
 use tokio_test::{assert_pending, assert_ready_ok};
 use tower::{Layer, Service};
 use tower_sync_engine::error::{BoxError, Limit, Overloaded};
-use tower_sync_engine::{Mode, ResponseFuture, Stats, SyncEngine, SyncEngineLayer};
+use tower_sync_engine::{Mode, ResponseFuture, SyncEngine, SyncEngineLayer};
 
 // ---------------------------------------------------------------------------------------
 // The harness: requests that carry their mode, and handlers the test finishes.
 // ---------------------------------------------------------------------------------------
-
-/// A request: its id, and the mode the policy hands the layer for it.
-#[derive(Debug, Clone)]
-struct Req {
-    id: u64,
-    mode: Mode<u64>,
-}
-
-type Policy = fn(&Req) -> Mode<u64>;
-
-fn by_mode(request: &Req) -> Mode<u64> {
-    request.mode.clone()
-}
-
-/// A request ordered on every key of `keys`, through `Mode::sync_all`.
-fn all(id: u64, keys: impl IntoIterator<Item = u64>) -> Req {
-    Req {
-        id,
-        mode: Mode::sync_all(keys),
-    }
-}
 
 /// A `Mode::SyncAll` built by hand, whatever the number of keys.
 fn set(id: u64, keys: impl IntoIterator<Item = u64>) -> Req {
@@ -53,25 +35,6 @@ fn set(id: u64, keys: impl IntoIterator<Item = u64>) -> Req {
         id,
         mode: Mode::SyncAll(Box::new(keys.into_iter().collect())),
     }
-}
-
-fn one(id: u64, key: u64) -> Req {
-    Req {
-        id,
-        mode: Mode::Sync(key),
-    }
-}
-
-/// The distinct keys a mode orders against, sorted.
-fn keys_of(mode: &Mode<u64>) -> Vec<u64> {
-    let mut keys = match mode {
-        Mode::Sync(key) => vec![*key],
-        Mode::SyncAll(keys) => keys.to_vec(),
-        Mode::Concurrent => Vec::new(),
-    };
-    keys.sort_unstable();
-    keys.dedup();
-    keys
 }
 
 /// What the inner service saw: a handler called, and a handler gone (completed or
@@ -92,8 +55,7 @@ struct Handlers {
 #[derive(Default)]
 struct HandlerState {
     log: Vec<Step>,
-    finished: HashSet<u64>,
-    wakers: HashMap<u64, Waker>,
+    finishes: Finishes,
     running: HashMap<u64, usize>,
     max_running: HashMap<u64, usize>,
 }
@@ -137,11 +99,7 @@ impl Future for Handler {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.handlers.state.lock().unwrap();
-        if state.finished.contains(&self.id) {
-            return Poll::Ready(Ok(self.id));
-        }
-        state.wakers.insert(self.id, cx.waker().clone());
-        Poll::Pending
+        state.finishes.poll(self.id, cx).map(Ok)
     }
 }
 
@@ -158,11 +116,7 @@ impl Drop for Handler {
 impl Handlers {
     /// Lets the handler of `id` complete, now or whenever it is called.
     fn finish(&self, id: u64) {
-        let waker = {
-            let mut state = self.state.lock().unwrap();
-            state.finished.insert(id);
-            state.wakers.remove(&id)
-        };
+        let waker = self.state.lock().unwrap().finishes.finish(id);
         if let Some(waker) = waker {
             waker.wake();
         }
@@ -185,7 +139,7 @@ impl Handlers {
         let state = self.state.lock().unwrap();
         called
             .into_iter()
-            .filter(|id| !state.finished.contains(id))
+            .filter(|id| !state.finishes.is_finished(*id))
             .collect()
     }
 
@@ -202,10 +156,6 @@ impl Handlers {
 type Engine = SyncEngine<Handlers, Policy, u64>;
 type Call = Spawn<ResponseFuture<Handlers, Req, u64>>;
 
-fn layer() -> SyncEngineLayer<Policy, u64> {
-    SyncEngineLayer::new(by_mode as Policy)
-}
-
 /// A service of `layer` over fresh handlers.
 fn serve(layer: &SyncEngineLayer<Policy, u64>) -> (Engine, Handlers) {
     let handlers = Handlers::default();
@@ -214,11 +164,6 @@ fn serve(layer: &SyncEngineLayer<Policy, u64>) -> (Engine, Handlers) {
 
 fn call(service: &mut Engine, request: Req) -> Call {
     task::spawn(service.call(request))
-}
-
-/// `(keys, in_flight, queued)`.
-fn counts(stats: Stats) -> (usize, usize, usize) {
-    (stats.keys, stats.in_flight, stats.queued)
 }
 
 /// Finishes the handler of `id` and polls its response future to its answer.
@@ -868,24 +813,10 @@ mod http_flavour {
     use tokio::sync::mpsc;
     use tokio_test::{assert_pending, assert_ready, assert_ready_ok, task};
     use tower::{Service, service_fn};
-    use tower_sync_engine::Mode;
     use tower_sync_engine::http::HttpSyncEngine;
 
     use super::counts;
-
-    /// The keys a request names, in its extensions.
-    #[derive(Clone)]
-    struct Keys(Vec<u64>);
-
-    fn request(id: u64, keys: &[u64]) -> Request<u64> {
-        let mut request = Request::new(id);
-        request.extensions_mut().insert(Keys(keys.to_vec()));
-        request
-    }
-
-    fn by_keys(request: &Request<u64>) -> Mode<u64> {
-        Mode::sync_all(request.extensions().get::<Keys>().unwrap().0.clone())
-    }
+    use crate::sets::http::{by_keys, request};
 
     /// How the streamed body of the multi-key request goes away.
     #[derive(Debug, Clone, Copy)]

@@ -11,7 +11,11 @@
 //! has set its scene, a response future is polled again only when it has been woken,
 //! see [`Calls::drain`]), and that `stats()` is idle at the end.
 
+#[path = "support/sets.rs"]
+mod sets;
 mod support;
+#[path = "support/threads.rs"]
+mod threads;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -21,12 +25,13 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
+use sets::{Finishes, Policy, Req, all, counts, distinct, layer, one};
 use support::Rng;
 use tokio_test::assert_pending;
 use tokio_test::task::{self, Spawn};
 use tower::{Layer, Service};
 use tower_sync_engine::error::BoxError;
-use tower_sync_engine::{Mode, Stats, SyncEngine, SyncEngineLayer};
+use tower_sync_engine::{Mode, SyncEngine, SyncEngineLayer};
 
 use self::probe::{CLONE_PANIC, DROP_PANIC, Probe, WAKE_PANIC};
 
@@ -38,13 +43,6 @@ use self::probe::{CLONE_PANIC, DROP_PANIC, Probe, WAKE_PANIC};
 trait Job {
     fn id(&self) -> u64;
     fn key_ids(&self) -> Vec<u64>;
-}
-
-/// A request: its id, and the mode the policy hands the layer for it.
-#[derive(Debug, Clone)]
-struct Req {
-    id: u64,
-    mode: Mode<u64>,
 }
 
 impl Job for Req {
@@ -59,34 +57,6 @@ impl Job for Req {
             Mode::Concurrent => Vec::new(),
         }
     }
-}
-
-type Policy = fn(&Req) -> Mode<u64>;
-
-fn by_mode(request: &Req) -> Mode<u64> {
-    request.mode.clone()
-}
-
-/// A request ordered on every key of `keys`, through `Mode::sync_all`.
-fn all(id: u64, keys: impl IntoIterator<Item = u64>) -> Req {
-    Req {
-        id,
-        mode: Mode::sync_all(keys),
-    }
-}
-
-fn one(id: u64, key: u64) -> Req {
-    Req {
-        id,
-        mode: Mode::Sync(key),
-    }
-}
-
-/// Sorted, without duplicates.
-fn distinct(mut keys: Vec<u64>) -> Vec<u64> {
-    keys.sort_unstable();
-    keys.dedup();
-    keys
 }
 
 /// What happened to a request, in the order it happened.
@@ -122,8 +92,7 @@ struct Handlers {
 #[derive(Default)]
 struct HandlerState {
     log: Vec<Step>,
-    finished: HashSet<u64>,
-    wakers: HashMap<u64, Waker>,
+    finishes: Finishes,
     readiness: Readiness,
 }
 
@@ -167,11 +136,7 @@ impl Future for Handler {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.handlers.state.lock().unwrap();
-        if state.finished.contains(&self.id) {
-            return Poll::Ready(Ok(self.id));
-        }
-        state.wakers.insert(self.id, cx.waker().clone());
-        Poll::Pending
+        state.finishes.poll(self.id, cx).map(Ok)
     }
 }
 
@@ -186,11 +151,7 @@ impl Drop for Handler {
 impl Handlers {
     /// Lets the handler of `id` complete, now or whenever it is called.
     fn finish(&self, id: u64) {
-        let waker = {
-            let mut state = self.state.lock().unwrap();
-            state.finished.insert(id);
-            state.wakers.remove(&id)
-        };
+        let waker = self.state.lock().unwrap().finishes.finish(id);
         if let Some(waker) = waker {
             waker.wake();
         }
@@ -223,7 +184,7 @@ impl Handlers {
             .log
             .iter()
             .filter_map(|step| match step {
-                Step::Called(id) if !ended.contains(id) && !state.finished.contains(id) => {
+                Step::Called(id) if !ended.contains(id) && !state.finishes.is_finished(*id) => {
                     Some(*id)
                 }
                 _ => None,
@@ -287,11 +248,6 @@ fn assert_one_order(log: &[Step], requests: &[(u64, Vec<u64>)], permits: usize) 
             );
         }
     }
-}
-
-/// `(keys, in_flight, queued)`.
-fn counts(stats: Stats) -> (usize, usize, usize) {
-    (stats.keys, stats.in_flight, stats.queued)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -512,10 +468,6 @@ fn message(payload: Box<dyn std::any::Any + Send>) -> String {
 
 type Engine<H = RandomState> = SyncEngine<Handlers, Policy, u64, H>;
 type Plain = tower_sync_engine::ResponseFuture<Handlers, Req, u64>;
-
-fn layer() -> SyncEngineLayer<Policy, u64> {
-    SyncEngineLayer::new(by_mode as Policy)
-}
 
 fn serve<H>(layer: &SyncEngineLayer<Policy, u64, H>) -> (Engine<H>, Calls<Plain>) {
     let handlers = Handlers::default();
@@ -1764,22 +1716,9 @@ mod http_flavour {
     use tower_sync_engine::{Mode, SyncEngineLayer};
 
     use super::counts;
-
-    /// The keys a request names, in its extensions.
-    #[derive(Clone)]
-    struct Keys(Vec<u64>);
-
-    fn request(id: u64, keys: &[u64]) -> Request<u64> {
-        let mut request = Request::new(id);
-        request.extensions_mut().insert(Keys(keys.to_vec()));
-        request
-    }
+    use crate::sets::http::{by_keys, request};
 
     type ByKeys = fn(&Request<u64>) -> Mode<u64>;
-
-    fn by_keys(request: &Request<u64>) -> Mode<u64> {
-        Mode::sync_all(request.extensions().get::<Keys>().unwrap().0.clone())
-    }
 
     fn http_layer() -> HttpSyncEngineLayer<ByKeys, u64> {
         SyncEngineLayer::new(by_keys as ByKeys).for_http()
@@ -1979,16 +1918,16 @@ mod http_flavour {
 // ---------------------------------------------------------------------------------------
 
 mod racing {
-    use std::collections::{HashMap, VecDeque};
+    use std::collections::HashMap;
     use std::hash::BuildHasher;
-    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use tower::{BoxError, Layer, Service};
+    use tower::{BoxError, Layer};
     use tower_sync_engine::{Mode, SyncEngineLayer};
 
     use super::{OneShard, Rng, distinct};
+    use crate::threads::{CallClock, assert_one_global_order, on_threads, race, until_idle, work};
 
     /// Keys the requests draw from: few, so that they overlap a lot; key 0 is in half
     /// the sets, first.
@@ -2025,7 +1964,7 @@ mod racing {
     /// What the handlers and callers record.
     #[derive(Default)]
     struct Journal {
-        clock: AtomicU64,
+        calls: CallClock,
         state: Mutex<JournalState>,
     }
 
@@ -2034,8 +1973,6 @@ mod racing {
         /// Per key, every start and end of a handler, in order. A handler's start (and
         /// its end) is recorded on all of its keys at once, under this lock.
         log: HashMap<u64, Vec<Event>>,
-        /// When each request's `call()` began and returned, on the journal's clock.
-        calls: HashMap<u64, (u64, u64)>,
     }
 
     /// A running handler: ends on its keys when dropped, completed or not.
@@ -2055,10 +1992,6 @@ mod racing {
     }
 
     impl Journal {
-        fn tick(&self) -> u64 {
-            self.clock.fetch_add(1, Ordering::SeqCst)
-        }
-
         fn start(self: &Arc<Self>, task: &Task) -> Running {
             let keys = distinct(task.keys.clone());
             let mut state = self.state.lock().unwrap();
@@ -2098,15 +2031,9 @@ mod racing {
         }
     }
 
-    /// One global order of the requests explains what every key ran and the order of
-    /// the `call()`s: a started before b on a key they share, or a's `call()` returned
-    /// before b's began and they share a key (then b must start after a there). A cycle
-    /// in that relation means a key ran a request ahead of an earlier one, or two keys
-    /// ran two requests in opposite orders. The call edges of a key go through a chain
-    /// of gates, one per request in the order their calls returned, so that they are
-    /// not listed pair by pair.
-    fn assert_one_global_order(state: &JournalState) {
-        let starts: HashMap<u64, Vec<u64>> = state
+    /// Per key, the requests in the order their handlers started there.
+    fn starts(state: &JournalState) -> HashMap<u64, Vec<u64>> {
+        state
             .log
             .iter()
             .map(|(key, log)| {
@@ -2119,71 +2046,7 @@ mod racing {
                     .collect();
                 (*key, started)
             })
-            .collect();
-        let mut requests: Vec<u64> = starts.values().flatten().copied().collect();
-        requests.sort_unstable();
-        requests.dedup();
-        let index: HashMap<u64, usize> = requests
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| (id, i))
-            .collect();
-        let mut edges: Vec<Vec<usize>> = vec![Vec::new(); requests.len()];
-        for started in starts.values() {
-            for pair in started.windows(2) {
-                edges[index[&pair[0]]].push(index[&pair[1]]);
-            }
-            let mut by_return = started.clone();
-            by_return.sort_unstable_by_key(|id| state.calls[id].1);
-            let gates: Vec<usize> = by_return
-                .iter()
-                .map(|_| {
-                    edges.push(Vec::new());
-                    edges.len() - 1
-                })
-                .collect();
-            for (i, id) in by_return.iter().enumerate() {
-                edges[index[id]].push(gates[i]);
-                if i > 0 {
-                    edges[gates[i - 1]].push(gates[i]);
-                }
-            }
-            for id in started {
-                let began = state.calls[id].0;
-                let before = by_return.partition_point(|other| state.calls[other].1 < began);
-                if before > 0 {
-                    edges[gates[before - 1]].push(index[id]);
-                }
-            }
-        }
-        let mut incoming = vec![0usize; edges.len()];
-        for targets in &edges {
-            for &target in targets {
-                incoming[target] += 1;
-            }
-        }
-        let mut ready: VecDeque<usize> = (0..edges.len()).filter(|&n| incoming[n] == 0).collect();
-        let mut ordered = 0;
-        while let Some(next) = ready.pop_front() {
-            ordered += 1;
-            for &target in &edges[next] {
-                incoming[target] -= 1;
-                if incoming[target] == 0 {
-                    ready.push_back(target);
-                }
-            }
-        }
-        let stuck: Vec<u64> = (0..requests.len())
-            .filter(|&n| incoming[n] > 0)
-            .map(|n| requests[n])
-            .take(20)
-            .collect();
-        assert_eq!(
-            ordered,
-            edges.len(),
-            "no global order explains the keys' logs and the call order; requests on a \
-             cycle or after one: {stuck:?}"
-        );
+            .collect()
     }
 
     fn task(rng: &mut Rng, id: u64) -> Task {
@@ -2216,65 +2079,47 @@ mod racing {
                 let running = journal.start(&task);
                 async move {
                     let _running = running;
-                    for _ in 0..task.yields {
-                        tokio::task::yield_now().await;
-                    }
+                    work(task.yields).await;
                     Ok::<_, BoxError>(task.id)
                 }
             })
         };
         let service = layer.layer(inner);
-        let callers: Vec<_> = (0..CALLERS)
-            .map(|caller| {
-                let mut service = service.clone();
-                let journal = journal.clone();
-                tokio::spawn(async move {
-                    let mut rng = Rng::new(seed * 1_000 + caller);
-                    let mut later = Vec::new();
-                    for seq in 0..PER_CALLER {
-                        let task = task(&mut rng, caller * 1_000_000 + seq);
-                        let began = journal.tick();
-                        let future = service.call(task.clone());
-                        let returned = journal.tick();
-                        journal
-                            .state
-                            .lock()
-                            .unwrap()
-                            .calls
-                            .insert(task.id, (began, returned));
-                        match rng.below(100) {
-                            0..45 => assert_eq!(future.await.unwrap(), task.id),
-                            45..70 => {
-                                let limit = Duration::from_micros(rng.below(200));
-                                if let Ok(answer) = tokio::time::timeout(limit, future).await {
-                                    assert_eq!(answer.unwrap(), task.id);
-                                }
+        race(seed, CALLERS, |caller, mut rng| {
+            let mut service = service.clone();
+            let journal = journal.clone();
+            async move {
+                let mut later = Vec::new();
+                for seq in 0..PER_CALLER {
+                    let task = task(&mut rng, caller * 1_000_000 + seq);
+                    let future = journal.calls.call(&mut service, task.id, task.clone());
+                    match rng.below(100) {
+                        0..45 => assert_eq!(future.await.unwrap(), task.id),
+                        45..70 => {
+                            let limit = Duration::from_micros(rng.below(200));
+                            if let Ok(answer) = tokio::time::timeout(limit, future).await {
+                                assert_eq!(answer.unwrap(), task.id);
                             }
-                            70..80 => later.push((task.id, tokio::spawn(future))),
-                            80..90 => {
-                                let spawned = tokio::spawn(future);
-                                tokio::task::yield_now().await;
-                                spawned.abort();
-                            }
-                            _ => drop(future),
                         }
+                        70..80 => later.push((task.id, tokio::spawn(future))),
+                        80..90 => {
+                            let spawned = tokio::spawn(future);
+                            tokio::task::yield_now().await;
+                            spawned.abort();
+                        }
+                        _ => drop(future),
                     }
-                    for (id, spawned) in later {
-                        assert_eq!(spawned.await.unwrap().unwrap(), id);
-                    }
-                })
-            })
-            .collect();
-        for caller in callers {
-            caller.await.unwrap();
-        }
-        // Aborted tasks are dropped by the runtime on its own time; wait for the last.
-        while !layer.stats().is_idle() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+                }
+                for (id, spawned) in later {
+                    assert_eq!(spawned.await.unwrap().unwrap(), id);
+                }
+            }
+        })
+        .await;
+        until_idle(|| layer.stats()).await;
         let state = journal.state.lock().unwrap();
         assert_permits_held(&state, permits);
-        assert_one_global_order(&state);
+        assert_one_global_order(&starts(&state), &journal.calls.calls());
         let started: usize = state
             .log
             .values()
@@ -2287,33 +2132,6 @@ mod racing {
         );
     }
 
-    /// Runs `run` on a multi-threaded runtime of its own thread, so that a hang fails
-    /// the test instead of hanging it.
-    fn on_threads<H>(layer: TaskLayer<H>, seed: u64, permits: usize)
-    where
-        H: BuildHasher + Send + Sync + 'static,
-    {
-        let (done, finished) = std::sync::mpsc::channel();
-        let runner = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(3)
-                .enable_time()
-                .build()
-                .unwrap();
-            runtime.block_on(run(layer, seed, permits));
-            let _ = done.send(());
-        });
-        match finished.recv_timeout(HANG) {
-            Ok(()) => runner.join().unwrap(),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                std::panic::resume_unwind(runner.join().unwrap_err())
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                panic!("seed {seed}, {permits} permits: not done within {HANG:?}")
-            }
-        }
-    }
-
     fn layer() -> TaskLayer {
         SyncEngineLayer::new(by_keys as TaskPolicy)
     }
@@ -2321,7 +2139,8 @@ mod racing {
     #[test]
     fn sets_and_single_keys_racing_on_many_threads_keep_one_order_on_every_key() {
         for (seed, permits) in [(1, 1), (2, 2)] {
-            on_threads(layer().permits_per_key(permits), seed, permits);
+            let layer = layer().permits_per_key(permits);
+            on_threads(3, HANG, seed, permits, move || run(layer, seed, permits));
         }
     }
 
@@ -2329,7 +2148,7 @@ mod racing {
     fn sets_led_from_one_shard_racing_on_many_threads_keep_one_order_on_every_key() {
         for (seed, permits) in [(3, 1), (4, 3)] {
             let layer = layer().with_hasher(OneShard).permits_per_key(permits);
-            on_threads(layer, seed, permits);
+            on_threads(3, HANG, seed, permits, move || run(layer, seed, permits));
         }
     }
 }
