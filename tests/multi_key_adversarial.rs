@@ -11,11 +11,15 @@
 //! has set its scene, a response future is polled again only when it has been woken,
 //! see [`Calls::drain`]), and that `stats()` is idle at the end.
 
+#[path = "support/child.rs"]
+mod child;
 #[path = "support/sets.rs"]
 mod sets;
 mod support;
 #[path = "support/threads.rs"]
 mod threads;
+
+use child::{ChildRun, run_child};
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -1453,32 +1457,12 @@ fn a_set_whose_key_hash_panics_does_not_abort_over_keys_whose_drop_panics() {
 /// `SCENARIO`), and checks that it passed, and was not aborted.
 #[track_caller]
 fn in_child(scenario: &str) {
-    let std::process::Output {
+    let ChildRun {
         status,
         stdout,
-        stderr,
-    } = std::process::Command::new(std::env::current_exe().expect("the test binary's path"))
-        .args(["child", "--exact", "--nocapture"])
-        .env(SCENARIO, scenario)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("the child process runs");
-    let stdout = String::from_utf8_lossy(&stdout);
-    let stderr = String::from_utf8_lossy(&stderr);
-    let report = format!("{status}\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(
-            status.signal(),
-            None,
-            "scenario {scenario} was killed by a signal (an abort is SIGABRT, 6): {report}"
-        );
-    }
-    assert!(
-        stdout.contains("running 1 test"),
-        "scenario {scenario}: the child did not run its test: {report}"
-    );
+        report,
+        ..
+    } = run_child(SCENARIO, scenario);
     assert_eq!(status.code(), Some(0), "scenario {scenario}: {report}");
     assert!(
         stdout.contains(&format!("{PASSED} {scenario}")),

@@ -11,7 +11,6 @@ use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
-use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
@@ -20,11 +19,12 @@ use tower::{BoxError, Layer, Service, service_fn};
 use tower_sync_engine::error::Overloaded;
 use tower_sync_engine::{Mode, SyncEngineLayer};
 
+#[path = "support/child.rs"]
+mod child;
+use child::{ChildRun, run_child};
+
 /// The environment variable that names the scenario the child runs.
 const SCENARIO: &str = "TOWER_SYNC_ENGINE_UNWINDING_SCENARIO";
-
-/// The test the child runs: a no-op unless `SCENARIO` is set.
-const CHILD: &str = "child";
 
 /// What a child prints once the key has been passed on and the layer is idle.
 const PASSED_ON: &str = "key passed on after the unwinding:";
@@ -78,33 +78,12 @@ fn a_runtime_main_future_dropped_by_a_panic_does_not_abort() {
 /// Runs `scenario` in a child process and checks how it ended.
 #[track_caller]
 fn check(scenario: &str, expect: Expect) {
-    let Output {
+    let ChildRun {
         status,
         stdout,
         stderr,
-    } = Command::new(std::env::current_exe().expect("the test binary's path"))
-        .args([CHILD, "--exact", "--nocapture"])
-        .env(SCENARIO, scenario)
-        // Short reports: a panic while panicking prints its backtrace anyway.
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("the child process runs");
-    let stdout = String::from_utf8_lossy(&stdout);
-    let stderr = String::from_utf8_lossy(&stderr);
-    let report = format!("{status}\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(
-            status.signal(),
-            None,
-            "scenario {scenario} was killed by a signal (an abort is SIGABRT, 6): {report}"
-        );
-    }
-    assert!(
-        stdout.contains("running 1 test"),
-        "scenario {scenario}: the child did not run its test: {report}"
-    );
+        report,
+    } = run_child(SCENARIO, scenario);
     match expect {
         Expect::PassedOn => {
             assert_eq!(status.code(), Some(0), "scenario {scenario}: {report}");
