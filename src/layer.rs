@@ -5,7 +5,7 @@ use std::hash::RandomState;
 
 use tower_layer::Layer;
 
-use crate::registry::{Registry, Settings};
+use crate::registry::{MAX_IN_FLIGHT, Registry, Settings};
 use crate::service::SyncEngine;
 use crate::stats::Stats;
 use crate::sync::Arc;
@@ -143,6 +143,31 @@ impl<P, K, H> SyncEngineLayer<P, K, H> {
     pub fn max_keys(mut self, max: usize) -> Self {
         assert!(max >= 1, "max_keys must be at least 1, got 0");
         self.settings_mut("max_keys").max_keys = max;
+        self
+    }
+
+    /// How many `Mode::Sync` and `Mode::SyncAll` requests of the whole domain may be
+    /// between their inner call and their completion at once (default: unbounded); with
+    /// the HTTP flavour, until their response body ends. `Mode::Concurrent` requests are
+    /// not counted and never wait.
+    ///
+    /// A request that is free to start on its key (or keys) but finds every slot taken
+    /// waits for one, keeping its place on its keys and holding no inner capacity. A
+    /// freed slot goes to the waiting request whose key holds the fewest slots, then to
+    /// the one whose key was granted a slot least recently (a key never granted one
+    /// first), then to the one that has waited longest: see
+    /// [Fair share of shared capacity](crate#fair-share-of-shared-capacity).
+    ///
+    /// # Panics
+    ///
+    /// If `max` is 0 or greater than 16,777,215 (2<sup>24</sup> − 1), or if the layer
+    /// has been cloned or has built a service already.
+    #[track_caller]
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        if max == 0 || max > MAX_IN_FLIGHT {
+            panic!("max_in_flight must be between 1 and {MAX_IN_FLIGHT}, got {max}")
+        }
+        self.settings_mut("max_in_flight").max_in_flight = max;
         self
     }
 

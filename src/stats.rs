@@ -55,11 +55,16 @@ pub struct Stats {
     /// `Mode::SyncAll` request once for every key it waits on. They hold no permit;
     /// [`max_queue_per_key`](crate::SyncEngineLayer::max_queue_per_key) bounds them.
     pub queued: usize,
+    /// Requests waiting for a slot of the domain's
+    /// [`max_in_flight`](crate::SyncEngineLayer::max_in_flight) cap: each is the head of
+    /// its keys (counted in `in_flight` for each) and has not been granted a slot yet.
+    /// Always 0 without the cap.
+    pub waiting_for_slot: usize,
 }
 
 impl Stats {
     /// True when nothing holds or waits for any key.
     pub const fn is_idle(&self) -> bool {
-        self.keys == 0 && self.in_flight == 0 && self.queued == 0
+        self.keys == 0 && self.in_flight == 0 && self.queued == 0 && self.waiting_for_slot == 0
     }
 }

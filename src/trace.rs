@@ -158,6 +158,54 @@ fn admitted_after(since: Instant, domain: Domain) {
     }
 }
 
+/// Emits the `slot_queued` event: a request free to start on its keys found every slot
+/// of the domain's cap taken.
+#[inline]
+pub(crate) fn slot_queued(domain: Domain) {
+    #[cfg(not(feature = "metrics"))]
+    let Domain = domain;
+    #[cfg(feature = "metrics")]
+    let _ = domain;
+    #[cfg(feature = "tracing")]
+    if tracing::level_enabled!(Level::DEBUG) {
+        slot_queued_event();
+    }
+}
+
+#[cfg(feature = "tracing")]
+#[cold]
+#[inline(never)]
+fn slot_queued_event() {
+    tracing::debug!(target: "tower_sync_engine", "slot_queued");
+}
+
+/// Emits the `slot_granted` event of a request that waited for a slot since `since` (set
+/// only when the events were enabled as it began to wait).
+#[inline]
+pub(crate) fn slot_granted(since: CalledAt, domain: Domain) {
+    #[cfg(not(feature = "metrics"))]
+    let Domain = domain;
+    #[cfg(feature = "metrics")]
+    let _ = domain;
+    #[cfg(feature = "tracing")]
+    if let Some(since) = since.0 {
+        slot_granted_event(since);
+    }
+    #[cfg(not(feature = "tracing"))]
+    let _ = since;
+}
+
+#[cfg(feature = "tracing")]
+#[cold]
+#[inline(never)]
+fn slot_granted_event(since: Instant) {
+    tracing::debug!(
+        target: "tower_sync_engine",
+        waited_us = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "slot_granted"
+    );
+}
+
 /// Counts a request that `limit` rejected.
 #[inline]
 pub(crate) fn rejected(limit: Limit, domain: Domain) {

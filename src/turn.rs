@@ -237,8 +237,15 @@ where
 
     /// The key (or every key) was free, and the inner service is called at once if it is
     /// ready. When more than one request per key may run, or the claim leads a set, the
-    /// shards are told once the inner service is called.
+    /// shards are told once the inner service is called. In a capped domain the request
+    /// first asks for a slot, and waits for one if none is free.
     fn start_notifying(inner: &mut S, request: Req, mut claim: Claim<K>) -> Self {
+        // With a cap, the request needs a slot before it may poll the inner service.
+        if let Some(slot_queued) = claim.queue_for_slot() {
+            let turn = Self::wait(inner, request, claim, None);
+            slot_queued.announce();
+            return turn;
+        }
         match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(())) => {
                 // Dropped before `claim`, a parameter, if the start notice's wake panics.

@@ -82,7 +82,7 @@ use smallvec::SmallVec;
 
 use super::foreign::LetGo;
 use super::shard::Deferred;
-use super::{Claim, Queued, Registry, ShardCell, spread};
+use super::{Claim, Queued, Registry, ShardCell, route, spread};
 use crate::error::Overloaded;
 use crate::sync::{Arc, Mutex};
 use crate::trace;
@@ -302,7 +302,13 @@ impl<K> Default for Sets<K> {
 
 impl<K> Sets<K> {
     /// Parks `others` for the lead, and makes its `ticket` the set's number.
-    fn lead(&self, lead: &mut Claim<K>, others: SmallVec<[Claim<K>; INLINE_OTHERS]>) {
+    fn lead(&self, lead: &mut Claim<K>, mut others: SmallVec<[Claim<K>; INLINE_OTHERS]>) {
+        // In a domain without a cap, the other keys' claims keep the plain route.
+        if lead.route & route::CAPPED != 0 {
+            for claim in &mut others {
+                claim.route |= route::PARKED;
+            }
+        }
         let set = Set {
             line_ticket: lead.ticket,
             others,
@@ -325,7 +331,7 @@ impl<K> Sets<K> {
         table.used += 1;
         drop(table);
         lead.ticket = number as u64;
-        lead.leads_set = true;
+        lead.route |= route::LEADS_SET;
     }
 
     /// Takes set `number` out while its lead is polled or started.
@@ -482,5 +488,16 @@ pub(super) fn release_set<K>(lead: &mut Claim<K>) {
         lead.ticket = set.line_ticket;
         set.others
     });
-    lead.release();
+    lead.release_own();
+}
+
+/// Runs `f` on the lead and the claims on its set's other keys, in shard order, with the
+/// set out of its parking place.
+pub(super) fn with_others<K, R>(
+    lead: &mut Claim<K>,
+    f: impl FnOnce(&mut Claim<K>, &mut [Claim<K>]) -> R,
+) -> R {
+    let mut unparked = Unparked::take(lead);
+    let Unparked { lead, set, .. } = &mut unparked;
+    f(lead, &mut set.others)
 }

@@ -149,6 +149,7 @@
 //!   binary search that finds a waiter once the line has been compacted.
 
 mod all;
+mod cap;
 mod foreign;
 mod keys;
 mod line;
@@ -160,10 +161,12 @@ mod testing;
 use std::hash::{BuildHasher, Hash};
 use std::num::NonZeroUsize;
 use std::sync::OnceLock;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 
 pub(crate) use self::all::ClaimedAll;
 use self::all::Sets;
+use self::cap::Cap;
+pub(crate) use self::cap::MAX_IN_FLIGHT;
 use self::foreign::LetGo;
 pub(crate) use self::foreign::let_go;
 use self::line::Polled;
@@ -208,6 +211,30 @@ struct ShardCell<K> {
     /// The places that `Mode::SyncAll` requests led from this shard hold on their other
     /// keys ([`all`]).
     sets: Sets<K>,
+    /// The domain's cap, when `max_in_flight` is set ([`cap`]).
+    cap: Option<Arc<Cap>>,
+    /// The route every claim of the domain starts with: [`route::CAPPED`] in a capped
+    /// domain, nothing otherwise.
+    route: u8,
+    /// Whether a claim that starts must tell the shard or the cap: more than one permit
+    /// per key, or a cap.
+    announces_starts: bool,
+}
+
+/// The flags of [`Claim::route`]. A claim with none takes the plain route: a
+/// `Mode::Sync` claim of a domain without a cap.
+mod route {
+    /// The claim leads a `Mode::SyncAll` request's set ([`all`](super::all)).
+    pub(super) const LEADS_SET: u8 = 1;
+    /// The claim's domain has a cap ([`cap`](super::cap)).
+    pub(super) const CAPPED: u8 = 1 << 1;
+    /// The claim is one of a set's other keys, parked with its lead.
+    pub(super) const PARKED: u8 = 1 << 2;
+    /// The claim's request holds a slot of the cap: counted on the claim's key, and
+    /// given back when the request's lead (or only) claim is dropped.
+    pub(super) const SLOT: u8 = 1 << 3;
+    /// The claim's request waits for a slot, or was granted one and has not taken it.
+    pub(super) const ENQUEUED: u8 = 1 << 4;
 }
 
 /// A request's place on its key, from `call()` until the request is done.
@@ -221,8 +248,9 @@ struct ShardCell<K> {
 #[repr(C)]
 pub(crate) struct Claim<K> {
     state: ClaimState,
-    /// Whether this claim leads a `Mode::SyncAll` request's set.
-    leads_set: bool,
+    /// What else the claim does besides holding its place ([`route`]): lead a set, hold
+    /// a slot of the cap. Tested when it is polled, started and dropped.
+    route: u8,
     /// Where the key's entry was last seen in the shard's table.
     bucket: u32,
     cell: Arc<ShardCell<K>>,
@@ -309,12 +337,17 @@ impl<K, H> Registry<K, H> {
             };
             let budget = (self.settings.max_keys != UNBOUNDED)
                 .then(|| Arc::new(KeyBudget::new(self.settings.max_keys)));
+            let cap = (self.settings.max_in_flight != UNBOUNDED)
+                .then(|| Arc::new(Cap::new(self.settings.max_in_flight)));
             (0..count)
                 .map(|_| {
                     Arc::new(ShardCell {
                         settings: self.settings,
                         shard: Mutex::new(Shard::new(budget.clone())),
                         sets: Sets::default(),
+                        route: if cap.is_some() { route::CAPPED } else { 0 },
+                        announces_starts: self.settings.permits_per_key > 1 || cap.is_some(),
+                        cap: cap.clone(),
                     })
                 })
                 .collect()
@@ -327,13 +360,17 @@ impl<K, H> Registry<K, H> {
         let Some(shards) = self.shards.get() else {
             return Stats::default();
         };
-        shards.iter().fold(Stats::default(), |mut stats, cell| {
+        let mut stats = shards.iter().fold(Stats::default(), |mut stats, cell| {
             let (keys, in_flight, queued) = cell.lock().counts();
             stats.keys += keys;
             stats.in_flight += in_flight;
             stats.queued += queued;
             stats
-        })
+        });
+        if let Some(cap) = &shards[0].cap {
+            stats.waiting_for_slot = cap.waiting();
+        }
+        stats
     }
 
     /// The most claims waiting for their turn on any one key (what [`stats`](Self::stats)
@@ -386,7 +423,7 @@ where
         Ok(Claimed {
             claim: Claim {
                 state,
-                leads_set: false,
+                route: cell.route,
                 bucket: place.bucket,
                 cell: Arc::clone(cell),
                 hash,
@@ -426,6 +463,31 @@ pub(crate) struct Claimed<K> {
     pub(crate) spare_key: Option<K>,
 }
 
+/// A request that waits for a slot of the cap: the `slot_queued` event to emit once its
+/// claim is in place.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SlotQueued {
+    domain: trace::Domain,
+}
+
+impl SlotQueued {
+    /// Emits the `slot_queued` event.
+    pub(crate) fn announce(self) {
+        trace::slot_queued(self.domain);
+    }
+}
+
+/// A waker to wake when dropped, through [`foreign`].
+struct WakeLater(Option<Waker>);
+
+impl Drop for WakeLater {
+    fn drop(&mut self) {
+        if let Some(waker) = self.0.take() {
+            foreign::run(move || waker.wake());
+        }
+    }
+}
+
 /// A claim that joined its key's line: the `queued` event to emit once it is in place.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Queued {
@@ -452,11 +514,18 @@ fn spread(hash: u64) -> u64 {
 }
 
 impl<K> ShardCell<K> {
-    /// Whether a claim that starts must tell the shard: the claims in line wait for it
-    /// when more than one request per key may run.
+    /// Whether a claim that starts must tell the shard (the claims in line wait for it
+    /// when more than one request per key may run) or first ask the cap for a slot.
     #[inline]
     fn announces_starts(&self) -> bool {
-        self.settings.permits_per_key > 1
+        self.announces_starts
+    }
+
+    /// The domain's cap; only a capped domain's claims ask for it.
+    fn cap(&self) -> &Cap {
+        self.cap
+            .as_deref()
+            .expect("a capped claim's domain has a cap")
     }
 
     /// Locks the shard. Poisoning would mean nothing here: the only foreign code that can
@@ -482,7 +551,7 @@ impl<K> Claim<K> {
         let (state, ticket, queued) = ClaimState::placed(place.position, &cell.settings);
         let claim = Claim {
             state,
-            leads_set: false,
+            route: cell.route,
             bucket: place.bucket,
             cell: Arc::clone(cell),
             hash,
@@ -493,7 +562,8 @@ impl<K> Claim<K> {
     }
 
     /// True when the shard must be told that this claim started (more than one permit
-    /// per key): the claims in line wait for it.
+    /// per key: the claims in line wait for it), or the claim needs a slot of the cap
+    /// before it starts.
     #[inline]
     pub(crate) fn notifies_start(&self) -> bool {
         matches!(self.state, ClaimState::Holding { head: true }) && self.cell.announces_starts()
@@ -502,10 +572,66 @@ impl<K> Claim<K> {
     /// Resolves once this claim is the head of its key and may call the inner service.
     #[inline]
     pub(crate) fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.leads_set {
-            return all::poll_heads(self, cx);
+        if self.route != 0 {
+            return self.poll_head_routed(cx);
         }
         self.poll_own_head(cx)
+    }
+
+    /// [`poll_head`](Self::poll_head) for a claim that leads a set, is parked in one, or
+    /// needs a slot of the cap: resolves once the request is the head of every key and,
+    /// in a capped domain, holds a slot.
+    #[cold]
+    #[inline(never)]
+    fn poll_head_routed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // PERF: layer_sync_all_two_live_keys. A set's lead in a domain without a cap.
+        if self.route == route::LEADS_SET {
+            return all::poll_heads(self, cx);
+        }
+        if self.route & route::LEADS_SET != 0 {
+            ready!(all::poll_heads(self, cx));
+        } else {
+            ready!(self.poll_own_head(cx));
+            if self.route & route::PARKED != 0 {
+                // Its lead asks for the request's slot.
+                return Poll::Ready(());
+            }
+        }
+        if self.route & route::CAPPED == 0 {
+            return Poll::Ready(());
+        }
+        if self.route & route::LEADS_SET != 0 {
+            all::with_others(self, |lead, others| cap::poll_slot(lead, others, cx))
+        } else {
+            cap::poll_slot(self, &mut [], cx)
+        }
+    }
+
+    /// In a capped domain, asks for a slot for a request that is the head of its keys,
+    /// inside `call()`: `Some` with the event to announce once the claim is in place if
+    /// the request has to wait for one. `None` when it holds one, or needs none.
+    #[inline]
+    pub(crate) fn queue_for_slot(&mut self) -> Option<SlotQueued> {
+        if self.route & route::CAPPED == 0 {
+            return None;
+        }
+        self.take_slot()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn take_slot(&mut self) -> Option<SlotQueued> {
+        let taken = if self.route & route::LEADS_SET != 0 {
+            all::with_others(self, |lead, others| cap::take(lead, others, None))
+        } else {
+            cap::take(self, &mut [], None)
+        };
+        match taken {
+            cap::Taken::Slot => None,
+            cap::Taken::Queued => Some(SlotQueued {
+                domain: self.cell.settings.metrics_domain,
+            }),
+        }
     }
 
     /// [`poll_head`](Self::poll_head) on this claim's own key only.
@@ -560,13 +686,27 @@ impl<K> Claim<K> {
         // With one permit nobody can be granted while this claim holds the key, so
         // nobody waits for its start: the mark is cleared when it releases instead.
         if self.notifies_start() {
-            // A set's starts are all recorded before any of them wakes anyone. With one
-            // permit per key, a set has no start to tell either.
-            if self.leads_set {
-                return all::started(self);
+            if self.route != 0 {
+                return self.started_routed();
             }
             self.record_start().run();
         }
+    }
+
+    /// [`started`](Self::started) for a claim that leads a set or belongs to a capped
+    /// domain: only more than one permit per key has a start to tell (a slot is taken
+    /// before the start). A set's starts are all recorded before any of them wakes
+    /// anyone.
+    #[cold]
+    #[inline(never)]
+    fn started_routed(&mut self) {
+        if self.cell.settings.permits_per_key == 1 {
+            return;
+        }
+        if self.route & route::LEADS_SET != 0 {
+            return all::started(self);
+        }
+        self.record_start().run();
     }
 
     /// Tells this claim's shard that it has started, and returns the wake to run then.
@@ -607,15 +747,80 @@ fn notify_started<K>(
 impl<K> Drop for Claim<K> {
     #[inline]
     fn drop(&mut self) {
-        if self.leads_set {
-            all::release_set(self);
+        if self.route != 0 {
+            self.release_routed();
         } else {
             self.release();
         }
     }
 }
 
+/// Gives a request's slot back when dropped: after its places are given up, also when
+/// giving them up panics (a wake is foreign code).
+struct GiveBack<K>(Option<Arc<ShardCell<K>>>);
+
+impl<K> Drop for GiveBack<K> {
+    fn drop(&mut self) {
+        if let Some(cell) = self.0.take() {
+            cap::give_back(&cell);
+        }
+    }
+}
+
 impl<K> Claim<K> {
+    /// [`Drop`] for a claim that leads a set, is parked in one, or belongs to a capped
+    /// domain. The request's own claim (the lead, or a `Mode::Sync` claim) leaves the
+    /// cap's queue first, then every place is given up, then its slot: so the waiters on
+    /// its keys have been told that its keys' slots fell before the slot is handed on.
+    #[cold]
+    #[inline(never)]
+    fn release_routed(&mut self) {
+        // PERF: layer_sync_all_two_new_keys. A set's lead in a domain without a cap.
+        if self.route == route::LEADS_SET {
+            return all::release_set(self);
+        }
+        let owns_request = self.route & (route::CAPPED | route::PARKED) == route::CAPPED;
+        let _give_back = GiveBack(
+            (owns_request && self.route & route::SLOT != 0).then(|| Arc::clone(&self.cell)),
+        );
+        let (wake, stale) = if owns_request && self.route & route::ENQUEUED != 0 {
+            cap::withdraw(self)
+        } else {
+            (None, None)
+        };
+        let _withdrawn = (LetGo(stale), WakeLater(wake));
+        if self.route & route::LEADS_SET != 0 {
+            all::release_set(self);
+        } else {
+            self.release_own();
+        }
+    }
+
+    /// Gives this claim's own place up, in a domain with a cap or without.
+    fn release_own(&mut self) {
+        if self.route & route::CAPPED == 0 {
+            return self.release();
+        }
+        let leaving = match self.state {
+            ClaimState::InLine { .. } => Leaving::Line {
+                ticket: self.ticket,
+            },
+            ClaimState::Holding { head, .. } => Leaving::Permit { was_head: head },
+        };
+        let (deferred, marker) = self.cell.lock().leave_capped(
+            &self.cell.settings,
+            (self.hash, self.id, &mut self.bucket),
+            leaving,
+            self.route & route::SLOT != 0,
+            self.route & route::ENQUEUED != 0,
+        );
+        // Before any foreign code runs: a panic there must not lose the count.
+        if let Some(marker) = marker {
+            cap::fell(self, marker);
+        }
+        deferred.run();
+    }
+
     /// Gives this claim's own place up and lets the next claim in its line go.
     #[inline(always)]
     fn release(&mut self) {

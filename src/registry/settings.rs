@@ -19,6 +19,9 @@ pub(crate) struct Settings {
     pub(crate) max_queue_per_key: usize,
     /// Keys that may be live at once; at least 1, [`UNBOUNDED`] by default.
     pub(crate) max_keys: usize,
+    /// `Mode::Sync` and `Mode::SyncAll` requests of the domain between their inner call
+    /// and their completion at once; [`UNBOUNDED`] by default.
+    pub(crate) max_in_flight: usize,
     /// The `domain` label of the domain's metrics; nothing without the `metrics` feature.
     pub(crate) metrics_domain: Domain,
 }
@@ -29,6 +32,7 @@ impl Default for Settings {
             permits_per_key: 1,
             max_queue_per_key: UNBOUNDED,
             max_keys: UNBOUNDED,
+            max_in_flight: UNBOUNDED,
             metrics_domain: Domain::NONE,
         }
     }
@@ -49,7 +53,8 @@ impl fmt::Debug for Settings {
         settings
             .field("permits_per_key", &self.permits_per_key)
             .field("max_queue_per_key", &Limit(self.max_queue_per_key))
-            .field("max_keys", &Limit(self.max_keys));
+            .field("max_keys", &Limit(self.max_keys))
+            .field("max_in_flight", &Limit(self.max_in_flight));
         #[cfg(feature = "metrics")]
         settings.field("metrics_domain", &self.metrics_domain);
         settings.finish()

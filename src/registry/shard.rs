@@ -8,6 +8,7 @@
 
 use std::task::Waker;
 
+use super::cap::{Marker, Shares};
 use super::foreign::{self, LetGo};
 use super::keys::{Entry, Keys};
 use super::line::{Line, Polled};
@@ -51,6 +52,9 @@ pub(super) struct Shard<K> {
         reason = "lines move to and from `KeyState::line` as boxes"
     )]
     spare_lines: Vec<Box<Line>>,
+    /// What the domain's cap (`max_in_flight`) keeps per key, by entry id; empty in a
+    /// domain without one.
+    pub(super) shares: Shares,
 }
 
 /// One live key.
@@ -64,6 +68,9 @@ struct KeyState<K> {
     /// A claim holds a permit, comes before every claim in the line, and has not called
     /// the inner service yet. No one in the line may start before it does.
     head_unstarted: bool,
+    /// The unstarted head waits for a slot of the domain's cap: it counts against
+    /// `max_queue_per_key`.
+    slot_waiter: bool,
     /// Claims that have not left the line yet; `None` until the key first has one.
     line: Option<Box<Line>>,
 }
@@ -166,6 +173,7 @@ impl<K> Shard<K> {
             demand: 0,
             budget,
             spare_lines: Vec::new(),
+            shares: Shares::default(),
         }
     }
 
@@ -210,6 +218,7 @@ impl<K> Shard<K> {
             id,
             holders: 1,
             head_unstarted: true,
+            slot_waiter: false,
             line: None,
         });
         let place = Place {
@@ -337,6 +346,43 @@ impl<K> Shard<K> {
         }
     }
 
+    /// [`leave`](Self::leave) for a claim of a capped domain. A claim whose request held a
+    /// slot (`counts_slot`) reads the marker of the request waiting for a slot on its key,
+    /// which it tells about its departure; one that was queued for a slot itself
+    /// (`was_queued`) clears its marker. The key's share goes with its entry.
+    pub(super) fn leave_capped(
+        &mut self,
+        settings: &Settings,
+        (hash, id, bucket): (u64, u64, &mut u32),
+        leaving: Leaving,
+        counts_slot: bool,
+        was_queued: bool,
+    ) -> (Deferred<K>, Option<Marker>) {
+        let marker = if counts_slot {
+            self.waiting_marker(hash, id)
+        } else {
+            None
+        };
+        if was_queued {
+            self.clear_marker(hash, id, bucket);
+        }
+        let deferred = self.leave(settings, hash, id, bucket, leaving);
+        if deferred.removed_key.is_some() {
+            self.forget_share(hash, id);
+        }
+        (deferred, marker)
+    }
+
+    /// Claims holding a permit of the live key `(hash, id)`.
+    pub(super) fn holders(&mut self, hash: u64, id: u64, bucket: &mut u32) -> u32 {
+        self.state_mut(hash, id, bucket).holders
+    }
+
+    /// Marks whether the unstarted head of the live key `(hash, id)` waits for a slot.
+    pub(super) fn set_slot_waiter(&mut self, hash: u64, id: u64, bucket: &mut u32, waits: bool) {
+        self.state_mut(hash, id, bucket).slot_waiter = waits;
+    }
+
     /// Number of live keys, claims holding a permit and claims waiting for one.
     pub(super) fn counts(&self) -> (usize, usize, usize) {
         self.keys.iter().fold(
@@ -452,7 +498,7 @@ impl<K> KeyState<K> {
             return Ok(Position::Head);
         }
         // It cannot start now, so it waits for its turn, without a permit (invariant 2).
-        if waiting as usize >= settings.max_queue_per_key {
+        if waiting as usize + usize::from(self.slot_waiter) >= settings.max_queue_per_key {
             // Nothing has been changed, so rejecting leaves nothing behind.
             return Err(Overloaded::new(Limit::MaxQueuePerKey));
         }
