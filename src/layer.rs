@@ -120,7 +120,9 @@ impl<P, K, H> SyncEngineLayer<P, K, H> {
     /// once: every permit is taken, or an earlier request has not started yet (its inner
     /// service not ready, or its future not polled since its turn came). 0 means a
     /// request whose key is busy is always rejected. The requests counted are those in
-    /// [`Stats::queued`](crate::Stats::queued).
+    /// [`Stats::queued`](crate::Stats::queued), and, with
+    /// [`max_in_flight`](Self::max_in_flight), the key's request that waits for a slot
+    /// (at most one per key: the next to start).
     ///
     /// # Panics
     ///

@@ -203,6 +203,82 @@
 //! global lock (correct, slower) and per-account mutexes locked in request order, which
 //! deadlock.
 //!
+//! # Fair share of shared capacity
+//!
+//! Per-key order protects each key from itself, not keys from each other. Behind the
+//! layer sits capacity every key shares: a database pool, a downstream API, the CPU.
+//! [`max_in_flight(n)`](SyncEngineLayer::max_in_flight) caps the `Mode::Sync` and
+//! `Mode::SyncAll` requests of the whole domain that are between their inner call and
+//! their completion at `n`, and shares those `n` *slots* fairly between keys:
+//!
+//! - A request that is free to start on its keys but finds every slot taken waits for
+//!   one. It keeps its place on its keys (nothing behind it there starts first), still
+//!   counts against [`max_queue_per_key`](SyncEngineLayer::max_queue_per_key), and holds
+//!   no inner capacity: its inner service's readiness is polled only once it has a slot.
+//! - **A freed slot goes to the waiting request whose key holds the fewest slots; among
+//!   equals, to the one whose key was granted a slot least recently (a key never granted
+//!   one first); among equals, to the one that has waited longest.** With one permit per
+//!   key that is round robin across keys: a hot key with a backlog of 50 and five quiet
+//!   keys that arrive after it get the slots in turns, not after the backlog. A key's
+//!   history lasts while the key is live; a key that goes idle starts afresh.
+//! - A `Mode::SyncAll` request takes one slot, counted on each of its keys, and waits
+//!   as its busiest key: the most slots any of its keys holds, the latest grant any of
+//!   them had.
+//! - `Mode::Concurrent` requests are not counted and never wait (guarantee 3).
+//! - Dropping a request in any state (waiting for a slot, granted one and not yet
+//!   polled, running) frees its slot at once, and the slot goes on by the same rule. Over
+//!   HTTP a request holds its slot until its response body ends.
+//! - One layer value is one domain, so under axum one cap spans every route the layer
+//!   is on; tower's `ConcurrencyLimit` inside the layer is FIFO, and a `Router::layer`
+//!   gives each route a semaphore of its own.
+//!
+//! [`Stats::waiting_for_slot`] counts the requests waiting for a slot. With `tracing`, a
+//! request that has to wait for one emits `slot_queued`, and `slot_granted` with
+//! `waited_us` once it has one.
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//! use tower::{BoxError, Layer, Service, service_fn};
+//! use tower_sync_engine::{Mode, SyncEngineLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), BoxError> {
+//! let started = Arc::new(Mutex::new(Vec::new()));
+//! let log = Arc::clone(&started);
+//! let handler = service_fn(move |(tenant, n): (&'static str, u32)| {
+//!     log.lock().unwrap().push((tenant, n));
+//!     async move {
+//!         tokio::time::sleep(Duration::from_millis(10)).await; // the shared resource
+//!         Ok::<_, BoxError>(())
+//!     }
+//! });
+//! // One slot for the whole domain, shared by every tenant.
+//! let layer = SyncEngineLayer::new(|(tenant, _): &(&'static str, u32)| Mode::Sync(*tenant))
+//!     .max_in_flight(1);
+//! let mut service = layer.layer(handler);
+//!
+//! let mut calls = Vec::new();
+//! for n in 0..5 {
+//!     calls.push(tokio::spawn(service.call(("hot", n)))); // a backlog on one tenant
+//! }
+//! calls.push(tokio::spawn(service.call(("quiet", 0)))); // then one quiet request
+//! for call in calls {
+//!     call.await??;
+//! }
+//! // The quiet tenant was served second, not after the hot tenant's backlog.
+//! assert_eq!(started.lock().unwrap()[..3], [("hot", 0), ("quiet", 0), ("hot", 1)]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! **Where the cores meet.** While nobody waits for a slot, a request takes one with a
+//! single compare-and-swap on the cap's state word and gives it back with another: that
+//! word's cache line is the only state every capped request touches besides its own
+//! key's shard. Waiting, the rule and the hand-off of a freed slot take the cap's lock,
+//! and a grant scans the waiting requests, at most one per key. Without `max_in_flight`
+//! nothing of this exists: no shared counter, no lock.
+//!
 //! # Composition
 //!
 //! - A `Timeout` **outside** this layer covers the time spent waiting for the key as

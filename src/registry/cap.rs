@@ -277,6 +277,16 @@ impl Cap {
 }
 
 impl Queue {
+    /// Takes the waiter at `index` out of the queue; an emptied queue gives back the
+    /// memory of a burst.
+    fn remove(&mut self, index: usize) -> Waiter {
+        let waiter = self.waiters.swap_remove(index);
+        if self.waiters.is_empty() && self.waiters.capacity() > RETAINED_WAITERS {
+            self.waiters = Vec::new();
+        }
+        waiter
+    }
+
     /// Where the request led by the claim on key `lead` waits.
     fn position(&self, lead: Identity) -> Option<usize> {
         self.waiters.iter().position(|waiter| waiter.lead == lead)
@@ -336,6 +346,9 @@ impl Shares {
         }
     }
 }
+
+/// Room for waiters an emptied queue keeps.
+const RETAINED_WAITERS: usize = 8;
 
 /// Room for keys' shares an emptied shard keeps.
 const RETAINED_SHARES: usize = 8;
@@ -533,7 +546,7 @@ pub(super) fn poll_slot<K>(
         drop(stale);
         return Poll::Pending;
     }
-    let waiter = queue.waiters.swap_remove(index);
+    let waiter = queue.remove(index);
     drop(queue);
     let grant = waiter.granted.expect("granted, as checked above");
     for claim in std::iter::once(&mut *lead).chain(others.iter_mut()) {
@@ -560,7 +573,7 @@ pub(super) fn withdraw<K>(lead: &Claim<K>) -> (Option<Waker>, Option<Waker>) {
     let Some(index) = queue.position(identity(lead)) else {
         return (None, None);
     };
-    let waiter = queue.waiters.swap_remove(index);
+    let waiter = queue.remove(index);
     let wake = if waiter.granted.is_some() {
         cap.hand_on(&mut queue)
     } else {

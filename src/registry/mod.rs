@@ -92,6 +92,14 @@
 //! head skips telling the shard that it started and clears its mark when it releases.
 //! That saves a lock per request on the common path.
 //!
+//! # The cap
+//!
+//! With `max_in_flight`, a claim that is the head of its keys also needs a slot of the
+//! domain's cap before it may call the inner service ([`cap`], whose docs give the
+//! algorithm and its invariants). The cap adds per key only what its fairness rule
+//! needs, in the key's shard beside its entry ([`cap::Shares`]), and gone with it; a
+//! domain without a cap has none of it.
+//!
 //! # Memory
 //!
 //! An idle key costs nothing: its entry is removed in the step that makes it idle. A
@@ -125,8 +133,16 @@
 //!   the pointer is read back whole right after (a move of the claim), and a load that
 //!   spans several earlier stores cannot take its value from them: a stall on every
 //!   request.
-//! - **Sets of keys stay off this path** ([`all`]'s Performance section): a claim that
-//!   leads a `Mode::SyncAll` request's set is told apart by a flag, not a type.
+//! - **Sets of keys and the cap stay off this path** ([`all`]'s Performance section): a
+//!   claim that leads a `Mode::SyncAll` request's set, is parked in one, or belongs to a
+//!   domain with a cap is told apart by a byte of flags, its *route*, not a type; a claim
+//!   with no flag takes the plain path, and every other one a cold function. The
+//!   claim's route is read from its shard when it is built. On the gate's rows, whose
+//!   call, poll and drop the compiler inlines into one loop, that read costs more than
+//!   the constant it replaced (`layer_sync_live_key` and `hand_off_layer` about 10
+//!   instructions, `layer_sync_new_key` 2), because the route's tests can no longer be
+//!   folded away; a request whose future is polled by a task pays those tests either
+//!   way.
 //! - **The start notice** (`hand_off_layer`, `permits_per_key` > 1): the shard is told
 //!   through the claim's fields (`notify_started`), not its address, which would force a
 //!   claim held in registers out to memory first.
