@@ -239,13 +239,33 @@ where
     /// ready. When more than one request per key may run, or the claim leads a set, the
     /// shards are told once the inner service is called. In a capped domain the request
     /// first asks for a slot, and waits for one if none is free.
-    fn start_notifying(inner: &mut S, request: Req, mut claim: Claim<K>) -> Self {
+    fn start_notifying(inner: &mut S, request: Req, claim: Claim<K>) -> Self {
         // With a cap, the request needs a slot before it may poll the inner service.
+        if claim.is_capped() {
+            return Self::start_capped(inner, request, claim);
+        }
+        Self::start_now(inner, request, claim)
+    }
+
+    /// [`start_notifying`](Self::start_notifying) in a capped domain: asks for a slot,
+    /// and waits for one if none is free.
+    // PERF: layer_sync_live_key, layer_sync_new_key. Out of line: inlined into `call()`'s
+    // `Mode::Sync` step, the slot's steps cost its hot paths spilled registers (10
+    // instructions per request on a live key).
+    #[cold]
+    #[inline(never)]
+    fn start_capped(inner: &mut S, request: Req, mut claim: Claim<K>) -> Self {
         if let Some(slot_queued) = claim.queue_for_slot() {
             let turn = Self::wait(inner, request, claim, None);
             slot_queued.announce();
             return turn;
         }
+        Self::start_now(inner, request, claim)
+    }
+
+    /// Calls the inner service at once if it is ready, for a request free to start, and
+    /// tells the shards.
+    fn start_now(inner: &mut S, request: Req, mut claim: Claim<K>) -> Self {
         match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(())) => {
                 // Dropped before `claim`, a parameter, if the start notice's wake panics.

@@ -133,16 +133,19 @@
 //!   the pointer is read back whole right after (a move of the claim), and a load that
 //!   spans several earlier stores cannot take its value from them: a stall on every
 //!   request.
-//! - **Sets of keys and the cap stay off this path** ([`all`]'s Performance section): a
-//!   claim that leads a `Mode::SyncAll` request's set, is parked in one, or belongs to a
-//!   domain with a cap is told apart by a byte of flags, its *route*, not a type; a claim
-//!   with no flag takes the plain path, and every other one a cold function. The
-//!   claim's route is read from its shard when it is built. On the gate's rows, whose
-//!   call, poll and drop the compiler inlines into one loop, that read costs more than
-//!   the constant it replaced (`layer_sync_live_key` and `hand_off_layer` about 10
-//!   instructions, `layer_sync_new_key` 2), because the route's tests can no longer be
-//!   folded away; a request whose future is polled by a task pays those tests either
-//!   way.
+//! - **Sets of keys and the cap stay off this path** ([`all`]'s Performance section,
+//!   `layer_sync_*`, `hand_off_layer`): a claim that leads a `Mode::SyncAll` request's
+//!   set, is parked in one, or belongs to a domain with a cap is told apart by a byte
+//!   of flags, its *route*, not by a type; a claim with no flag takes the plain path,
+//!   and every other one a cold function. The cap's steps in `call()` are out of line
+//!   too (`Turn::start_capped`). So a domain without a cap runs none of the cap's code,
+//!   and touches no state of it. What the route still costs there, against the
+//!   constant flag it replaced, is the read of the domain's route as a claim is built
+//!   and what that does to the compiler's inlining: `layer_sync_new_key` 413
+//!   instructions (398 before), `layer_sync_live_key` 863 (857), `hand_off_layer`
+//!   1,524 (1,524), the two-key rows 2,027 and 3,105 (1,975 and 3,061). Every variant
+//!   measured moved those rows between two layouts; this one costs the fewest
+//!   instructions on the contended rows.
 //! - **The start notice** (`hand_off_layer`, `permits_per_key` > 1): the shard is told
 //!   through the claim's fields (`notify_started`), not its address, which would force a
 //!   claim held in registers out to memory first.
@@ -623,20 +626,17 @@ impl<K> Claim<K> {
         }
     }
 
-    /// In a capped domain, asks for a slot for a request that is the head of its keys,
-    /// inside `call()`: `Some` with the event to announce once the claim is in place if
-    /// the request has to wait for one. `None` when it holds one, or needs none.
+    /// Whether the claim's domain has a cap.
     #[inline]
-    pub(crate) fn queue_for_slot(&mut self) -> Option<SlotQueued> {
-        if self.route & route::CAPPED == 0 {
-            return None;
-        }
-        self.take_slot()
+    pub(crate) fn is_capped(&self) -> bool {
+        self.route & route::CAPPED != 0
     }
 
-    #[cold]
-    #[inline(never)]
-    fn take_slot(&mut self) -> Option<SlotQueued> {
+    /// In a capped domain, asks for a slot for a request that is the head of its keys,
+    /// inside `call()`: `Some` with the event to announce once the claim is in place if
+    /// the request has to wait for one, `None` when it took one.
+    pub(crate) fn queue_for_slot(&mut self) -> Option<SlotQueued> {
+        debug_assert!(self.is_capped(), "only a capped domain has slots");
         let taken = if self.route & route::LEADS_SET != 0 {
             all::with_others(self, |lead, others| cap::take(lead, others, None))
         } else {
@@ -813,6 +813,10 @@ impl<K> Claim<K> {
     }
 
     /// Gives this claim's own place up, in a domain with a cap or without.
+    // PERF: layer_sync_live_key, hand_off_layer, layer_sync_all_two_new_keys (module
+    // docs, Performance: the route). Out of line, those rows measured 7, 13 and 27
+    // instructions more; layer_sync_new_key 13 fewer.
+    #[inline]
     fn release_own(&mut self) {
         if self.route & route::CAPPED == 0 {
             return self.release();
