@@ -212,9 +212,10 @@
 //! their completion at `n`, and shares those `n` *slots* fairly between keys:
 //!
 //! - A request that is free to start on its keys but finds every slot taken waits for
-//!   one. It keeps its place on its keys (nothing behind it there starts first), still
-//!   counts against [`max_queue_per_key`](SyncEngineLayer::max_queue_per_key), and holds
-//!   no inner capacity: its inner service's readiness is polled only once it has a slot.
+//!   one. It keeps its place on its keys (nothing behind it there starts first, so at
+//!   most one request per key waits for a slot: the key's next to start), still counts
+//!   against [`max_queue_per_key`](SyncEngineLayer::max_queue_per_key), and holds no
+//!   inner capacity: its inner service's readiness is polled only once it has a slot.
 //! - **A freed slot goes to the waiting request whose key holds the fewest slots; among
 //!   equals, to the one whose key was granted a slot least recently (a key never granted
 //!   one first); among equals, to the one that has waited longest.** With one permit per

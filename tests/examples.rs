@@ -7,6 +7,9 @@ mod demo;
 #[path = "../examples/dispatcher.rs"]
 mod dispatcher;
 #[allow(dead_code)]
+#[path = "../examples/fair_share.rs"]
+mod fair_share;
+#[allow(dead_code)]
 #[path = "../examples/http_session.rs"]
 mod http_session;
 #[allow(dead_code)]
@@ -183,6 +186,45 @@ async fn a_streamed_report_holds_its_session_until_its_last_line_and_status_neve
     let (answer, after_done) = after.await.unwrap();
     assert_eq!(answer, (StatusCode::OK, "after".to_owned()));
     assert_eq!(after_done, Duration::from_millis(300));
+}
+
+// ---- fair_share ----
+
+// On the paused clock every start time is exact: with `max_in_flight`, no import starts
+// while a search waits, because the first slot that frees goes to the quiet tenant, which
+// holds none; behind a first-come-first-served limit, every search waits for the twelve
+// imports that were waiting for a slot before it.
+#[tokio::test(start_paused = true)]
+async fn fair_share_gives_the_quiet_tenant_the_next_free_slot_across_routes() {
+    let config = fair_share::Config::default();
+    let longest_import = Duration::from_millis(fair_share::import_ms(3));
+
+    let fair = fair_share::run(fair_share::Limiter::FairShare, &config)
+        .await
+        .unwrap();
+    assert_eq!(fair.max_running, config.slots, "{fair:?}");
+    assert_eq!(fair.searches.len(), 3);
+    for search in &fair.searches {
+        assert_eq!(search.imports_meanwhile, 0, "{fair:?}");
+        assert!(search.waited < longest_import, "{fair:?}");
+    }
+    assert!(fair.problems().is_empty(), "{:?}", fair.problems());
+
+    let fifo = fair_share::run(fair_share::Limiter::GlobalConcurrencyLimit, &config)
+        .await
+        .unwrap();
+    assert_eq!(fifo.max_running, config.slots, "{fifo:?}");
+    for search in &fifo.searches {
+        assert_eq!(search.imports_meanwhile, 12, "{fifo:?}");
+        assert!(search.waited > 2 * longest_import, "{fifo:?}");
+    }
+    // Both runs did the same work under the same cap.
+    let lines = [fair.line(), fifo.line()];
+    assert!(lines[0].starts_with("max_in_flight(4):"), "{lines:?}");
+    assert!(
+        lines[1].starts_with("GlobalConcurrencyLimitLayer(4):"),
+        "{lines:?}"
+    );
 }
 
 // ---- websocket ----
