@@ -276,7 +276,8 @@
 //! **Where the cores meet.** While nobody waits for a slot, a request takes one with a
 //! single compare-and-swap on the cap's state word and gives it back with another: that
 //! word's cache line is the only state every capped request touches besides its own
-//! key's shard. Waiting, the rule and the hand-off of a freed slot take the cap's lock,
+//! key's shard (whose lock it takes once more than without the cap, to note the
+//! key's grant for the rule). Waiting, the rule and the hand-off of a freed slot take the cap's lock,
 //! and a grant scans the waiting requests, at most one per key. Without `max_in_flight`
 //! nothing of this exists: no shared counter, no lock.
 //!
