@@ -143,7 +143,7 @@
 //!   constant flag it replaced, is the read of the domain's route as a claim is built
 //!   and what that does to the compiler's inlining: `layer_sync_new_key` 413
 //!   instructions (398 before), `layer_sync_live_key` 863 (857), `hand_off_layer`
-//!   1,524 (1,524), the two-key rows 2,027 and 3,105 (1,975 and 3,061). Every variant
+//!   1,524 (1,524), the two-key rows 2,027 and 3,118 (1,975 and 3,061). Every variant
 //!   measured moved those rows between two layouts; this one costs the fewest
 //!   instructions on the contended rows.
 //! - **The start notice** (`hand_off_layer`, `permits_per_key` > 1): the shard is told
