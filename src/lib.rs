@@ -216,6 +216,10 @@
 //!   most one request per key waits for a slot: the key's next to start), still counts
 //!   against [`max_queue_per_key`](SyncEngineLayer::max_queue_per_key), and holds no
 //!   inner capacity: its inner service's readiness is polled only once it has a slot.
+//!   It asks for one inside `call()` when its keys are free then, and otherwise on the
+//!   first poll of its response future after its turn on its keys has come, as it would
+//!   poll the inner service's readiness; a slot that frees before that goes to the
+//!   requests already waiting for one, or to whoever asks first if none is.
 //! - **A freed slot goes to the waiting request whose key holds the fewest slots; among
 //!   equals, to the one whose key was granted a slot least recently (a key never granted
 //!   one first); among equals, to the one that has waited longest.** With one permit per
