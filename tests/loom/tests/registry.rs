@@ -9,7 +9,8 @@
 //! - the inner service is called in the order of `call()` (the probe records its calls,
 //!   and callers on several threads record their `call()` order under a lock);
 //! - never more than `permits_per_key` handlers of a key run at once (the probe service
-//!   asserts it while a handler is mid-flight);
+//!   asserts it while a handler is mid-flight), and with `max_in_flight`, never more than
+//!   that many over every key, from their inner call until they complete or are dropped;
 //! - no lost hand-off: every request that is not dropped completes (loom reports a
 //!   deadlock if a waiter is never woken);
 //! - the registry is empty once everything is done.
@@ -708,5 +709,232 @@ fn a_set_dropped_while_it_is_handed_one_of_its_keys() {
             "inner call order: {called:?}"
         );
         assert!(layer.stats().is_idle());
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// `max_in_flight`: slots shared by the whole domain
+// ---------------------------------------------------------------------------------------
+
+/// The key of each request of the slot models, by request number. With the identity
+/// hasher, keys 0 and 2 land on one shard and key 1 on the other.
+const SLOT_KEYS: [u8; 5] = [0, 0, 2, 1, 1];
+
+fn by_slot_key(request: &u32) -> Mode<u8> {
+    Mode::Sync(SLOT_KEYS[*request as usize])
+}
+
+type SlotEngine = SyncEngine<SlotProbe, Policy, u8, SetHasher>;
+
+/// An inner service that counts its handlers from its `call` until their future
+/// completes or is dropped, over every key, and asserts that no more than `max` are
+/// counted at once; records its calls, and keeps each handler mid-flight across one
+/// yield.
+#[derive(Clone)]
+struct SlotProbe {
+    in_flight: Arc<AtomicUsize>,
+    max: usize,
+    called: Arc<Mutex<Vec<u32>>>,
+}
+
+struct SlotProbeFuture {
+    in_flight: Arc<AtomicUsize>,
+    request: u32,
+    yielded: bool,
+    done: bool,
+}
+
+impl Service<u32> for SlotProbe {
+    type Response = u32;
+    type Error = &'static str;
+    type Future = SlotProbeFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: u32) -> SlotProbeFuture {
+        self.called.lock().unwrap().push(request);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        assert!(
+            now <= self.max,
+            "{now} handlers at once, max_in_flight {}",
+            self.max
+        );
+        SlotProbeFuture {
+            in_flight: self.in_flight.clone(),
+            request,
+            yielded: false,
+            done: false,
+        }
+    }
+}
+
+impl Future for SlotProbeFuture {
+    type Output = Result<u32, &'static str>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if !std::mem::replace(&mut self.yielded, true) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.done = true;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        Poll::Ready(Ok(self.request))
+    }
+}
+
+impl Drop for SlotProbeFuture {
+    fn drop(&mut self) {
+        if !self.done {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A layer with `max_in_flight(max)` over the slot probe, and what the probe records.
+struct SlotModel {
+    layer: SyncEngineLayer<Policy, u8, SetHasher>,
+    service: SlotEngine,
+    called: Arc<Mutex<Vec<u32>>>,
+}
+
+fn slot_engine(max: usize) -> SlotModel {
+    let layer = SyncEngineLayer::new(by_slot_key as Policy)
+        .with_hasher(SetHasher::default())
+        .max_in_flight(max);
+    let called = Arc::new(Mutex::new(Vec::new()));
+    let probe = SlotProbe {
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        max,
+        called: called.clone(),
+    };
+    let service = layer.layer(probe);
+    SlotModel {
+        layer,
+        service,
+        called,
+    }
+}
+
+/// Drives `futures` on this thread, all at once, until each has completed; returns their
+/// answers in the order given.
+fn block_on_all(futures: Vec<tower_sync_engine::ResponseFuture<SlotProbe, u32, u8>>) -> Vec<u32> {
+    let mut futures: Vec<_> = futures.into_iter().map(Some).collect();
+    let mut answers = vec![None; futures.len()];
+    block_on(std::future::poll_fn(|cx| {
+        for (slot, answer) in futures.iter_mut().zip(&mut answers) {
+            let Some(future) = slot else {
+                continue;
+            };
+            if let Poll::Ready(result) = Pin::new(future).poll(cx) {
+                *answer = Some(result.unwrap());
+                *slot = None;
+            }
+        }
+        if futures.iter().all(Option::is_none) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }));
+    answers.into_iter().map(Option::unwrap).collect()
+}
+
+#[test]
+fn a_freed_slot_goes_to_the_key_granted_least_recently_while_waiters_race() {
+    model(2, || {
+        let SlotModel {
+            layer,
+            mut service,
+            called,
+        } = slot_engine(1);
+        // One slot. Request 0 (key 0) takes it inside `call()`; request 1 waits behind it
+        // on key 0, request 2 (key 2) waits for the slot. When request 0 is dropped,
+        // request 1 has its turn, but key 0 was granted a slot and key 2 never was: the
+        // slot goes to request 2, which is polled once and runs mid-flight.
+        let mut cx = Context::from_waker(Waker::noop());
+        let first = service.call(0);
+        let behind = service.call(1);
+        let mut other = service.call(2);
+        drop(first);
+        assert!(Pin::new(&mut other).poll(&mut cx).is_pending());
+        assert_called(&called, &[0, 2]);
+        // Request 1 asks for a slot on its next poll, not before.
+        assert_eq!(layer.stats().waiting_for_slot, 0);
+        // Now request 1 has its turn on key 0 (shard 0) and asks for a slot when its own
+        // thread polls it, while one thread releases the slot and another calls request 3,
+        // on key 1 (shard 1), never granted a slot: if request 3 waits before the release,
+        // it goes first, although request 1 may have waited longer; otherwise whichever
+        // asks first after the release takes the slot. A shared clock tells which came
+        // first.
+        let clock = Arc::new(AtomicUsize::new(0));
+        let release = {
+            let clock = clock.clone();
+            thread::spawn(move || {
+                let began = clock.fetch_add(1, Ordering::SeqCst);
+                drop(other);
+                let ended = clock.fetch_add(1, Ordering::SeqCst);
+                (began, ended)
+            })
+        };
+        let waiter = thread::spawn(move || block_on(behind).unwrap());
+        let began = clock.fetch_add(1, Ordering::SeqCst);
+        let newcomer = service.call(3);
+        let returned = clock.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(block_on(newcomer).unwrap(), 3);
+        assert_eq!(waiter.join().unwrap(), 1);
+        let (release_began, release_ended) = release.join().unwrap();
+        let called = called.lock().unwrap().clone();
+        if returned < release_began {
+            // Waiting when the slot freed, it outranks request 1, waiting or not.
+            assert_eq!(called, [0, 2, 3, 1], "request 3 waited first");
+        } else {
+            // Otherwise the slot was free for whoever asked first: request 1, on its
+            // first poll since its turn came, or request 3, in `call()`.
+            let _ = release_ended;
+            assert!(
+                called == [0, 2, 3, 1] || called == [0, 2, 1, 3],
+                "inner call order: {called:?}"
+            );
+        }
+        let stats = layer.stats();
+        assert!(stats.is_idle() && stats.waiting_for_slot == 0, "{stats:?}");
+    });
+}
+
+#[test]
+fn a_slot_waiter_dropped_as_the_slot_is_granted_to_it() {
+    model(2, || {
+        let SlotModel {
+            layer,
+            mut service,
+            called,
+        } = slot_engine(1);
+        // One slot, taken by request 0 (key 0, shard 0) inside `call()`. Request 3 (key 1,
+        // shard 1) waits for it, then request 2 (key 2, shard 0); request 4 waits behind
+        // request 3 on key 1, request 1 behind request 0 on key 0. One thread drops
+        // request 0, whose slot goes to request 3 (keys never granted one, request 3
+        // waited longer), while another drops request 3: waiting, or granted and unused.
+        // Either way the slot passes on to request 2, and the dropped grant does not count
+        // for key 1: when request 2 ends, request 4 goes before request 1, whose key 0 was
+        // granted a slot by request 0, though request 1 asks for one first.
+        let first = service.call(0);
+        let waiter = service.call(3);
+        let next = service.call(4);
+        let other = service.call(2);
+        let behind = service.call(1);
+        assert_eq!(layer.stats().waiting_for_slot, 2);
+        let release = thread::spawn(move || drop(first));
+        let cancel = thread::spawn(move || drop(waiter));
+        release.join().unwrap();
+        cancel.join().unwrap();
+        // Requests 1 and 4 have their turns now, and ask for a slot when polled, request
+        // 1 first: request 2 holds it, so both wait, and it goes on by the rule.
+        assert_eq!(layer.stats().waiting_for_slot, 0);
+        assert_eq!(block_on_all(vec![behind, next, other]), [1, 4, 2]);
+        assert_called(&called, &[0, 2, 4, 1]);
+        let stats = layer.stats();
+        assert!(stats.is_idle() && stats.waiting_for_slot == 0, "{stats:?}");
     });
 }
