@@ -821,12 +821,7 @@ impl<K> Claim<K> {
         if self.route & route::CAPPED == 0 {
             return self.release();
         }
-        let leaving = match self.state {
-            ClaimState::InLine { .. } => Leaving::Line {
-                ticket: self.ticket,
-            },
-            ClaimState::Holding { head, .. } => Leaving::Permit { was_head: head },
-        };
+        let leaving = self.leaving();
         let (deferred, marker) = self.cell.lock().leave_capped(
             &self.cell.settings,
             (self.hash, self.id, &mut self.bucket),
@@ -841,15 +836,21 @@ impl<K> Claim<K> {
         deferred.run();
     }
 
-    /// Gives this claim's own place up and lets the next claim in its line go.
+    /// What this claim gives back when it leaves its key.
     #[inline(always)]
-    fn release(&mut self) {
-        let leaving = match self.state {
+    fn leaving(&self) -> Leaving {
+        match self.state {
             ClaimState::InLine { .. } => Leaving::Line {
                 ticket: self.ticket,
             },
             ClaimState::Holding { head, .. } => Leaving::Permit { was_head: head },
-        };
+        }
+    }
+
+    /// Gives this claim's own place up and lets the next claim in its line go.
+    #[inline(always)]
+    fn release(&mut self) {
+        let leaving = self.leaving();
         let deferred = self.cell.lock().leave(
             &self.cell.settings,
             self.hash,
