@@ -52,8 +52,8 @@ pub(super) struct Shard<K> {
         reason = "lines move to and from `KeyState::line` as boxes"
     )]
     spare_lines: Vec<Box<Line>>,
-    /// What the domain's cap (`max_in_flight`) keeps per key, by entry id; empty in a
-    /// domain without one.
+    /// What the domain's cap (`max_in_flight`) keeps per live key, by its hash and entry
+    /// id; empty in a domain without one.
     pub(super) shares: Shares,
 }
 
