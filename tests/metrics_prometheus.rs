@@ -257,11 +257,11 @@ async fn prometheus_scrapes_the_waits_and_rejections_that_a_known_load_implies()
     // One request holds the session; `WAITERS` wait behind it, each sent once the one
     // before is in line, so that the line is full; `REJECTED` more are turned away.
     let head = tokio::spawn(work(app, HEAD_MS, "head"));
-    until_status(app, "in_flight: 1, queued: 0").await;
+    until_status(app, "in_flight: 1, queued: 0,").await;
     let mut waiters = Vec::new();
     for waiter in 1..=WAITERS {
         waiters.push(tokio::spawn(work(app, 10, "waiter")));
-        until_status(app, &format!("in_flight: 1, queued: {waiter} ")).await;
+        until_status(app, &format!("in_flight: 1, queued: {waiter},")).await;
     }
     for _ in 0..REJECTED {
         assert_eq!(work(app, 10, "rejected").await, 503);
