@@ -12,6 +12,10 @@
 
 mod support;
 
+#[cfg(feature = "http")]
+#[path = "support/report_app.rs"]
+mod report_app;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1156,18 +1160,13 @@ mod http_flavour {
     //! Under axum, one layer on two routes: the slot is held until the response body
     //! has ended or been dropped, and the cap spans both routes.
 
-    use std::collections::VecDeque;
-    use std::convert::Infallible;
-    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     use axum::Router;
     use axum::body::Body;
-    use axum::extract::State;
-    use axum::http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+    use axum::http::{HeaderValue, Method, Request, Response, StatusCode};
     use axum::routing::{get, post};
     use http_body_util::BodyExt;
-    use tokio::sync::mpsc;
     use tower::ServiceExt;
     use tower_sync_engine::SyncEngineLayer;
     use tower_sync_engine::http::{ByHeader, HttpSyncEngineLayer, by_header};
@@ -1176,45 +1175,7 @@ mod http_flavour {
 
     const TENANT: &str = "x-tenant";
 
-    #[derive(Clone, Default)]
-    struct Shared {
-        log: Arc<Mutex<Vec<String>>>,
-        bodies: Arc<Mutex<VecDeque<Body>>>,
-    }
-
-    impl Shared {
-        fn log(&self) -> Vec<String> {
-            self.log.lock().unwrap().clone()
-        }
-
-        /// The next `/report` streams what is sent on the returned sender, and ends when
-        /// it is dropped.
-        fn next_report_streams(&self) -> mpsc::UnboundedSender<&'static str> {
-            let (lines, mut receiver) = mpsc::unbounded_channel::<&'static str>();
-            let stream = futures::stream::poll_fn(move |cx| {
-                receiver
-                    .poll_recv(cx)
-                    .map(|line| line.map(Ok::<_, Infallible>))
-            });
-            self.bodies
-                .lock()
-                .unwrap()
-                .push_back(Body::from_stream(stream));
-            lines
-        }
-    }
-
-    async fn edit(State(shared): State<Shared>, uri: Uri) -> String {
-        let tag = uri.query().unwrap_or_default().to_owned();
-        shared.log.lock().unwrap().push(format!("edit {tag}"));
-        tag
-    }
-
-    async fn report(State(shared): State<Shared>) -> Body {
-        shared.log.lock().unwrap().push("report".to_owned());
-        let body = shared.bodies.lock().unwrap().pop_front();
-        body.unwrap_or_else(|| Body::from("report"))
-    }
+    use super::report_app::{Shared, edit, stream_report as report};
 
     fn app(max_in_flight: usize) -> (Router, HttpSyncEngineLayer<ByHeader, HeaderValue>, Shared) {
         let shared = Shared::default();

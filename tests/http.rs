@@ -9,25 +9,29 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use axum::routing::{get, post};
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use tokio::sync::mpsc;
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_sync_engine::error::{Limit, Overloaded};
 use tower_sync_engine::http::{
     ByExtension, ByHeader, HttpSyncEngine, HttpSyncEngineLayer, by_extension, by_header,
 };
 use tower_sync_engine::{Mode, Policy, ServiceBuilderExt, SyncEngineLayer};
+
+#[path = "support/report_app.rs"]
+mod report_app;
+
+use report_app::{Shared, edit, stream_report};
 
 const SESSION: &str = "x-session-id";
 
@@ -41,49 +45,6 @@ async fn bounded<F: Future>(what: &str, future: F) -> F::Output {
 }
 
 // ---- the application ----
-
-/// What the handlers did, and the bodies `/report` hands out.
-#[derive(Clone, Default)]
-struct Shared {
-    log: Arc<Mutex<Vec<String>>>,
-    bodies: Arc<Mutex<VecDeque<Body>>>,
-}
-
-impl Shared {
-    fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// The next `/report` streams what is sent on the returned sender, and ends when it
-    /// is dropped.
-    fn next_report_streams(&self) -> mpsc::UnboundedSender<&'static str> {
-        let (lines, mut receiver) = mpsc::unbounded_channel::<&'static str>();
-        let stream = futures::stream::poll_fn(move |cx| {
-            receiver
-                .poll_recv(cx)
-                .map(|line| line.map(Ok::<_, Infallible>))
-        });
-        self.bodies
-            .lock()
-            .unwrap()
-            .push_back(Body::from_stream(stream));
-        lines
-    }
-}
-
-/// Logs `edit <query>` and answers the query.
-async fn edit(State(shared): State<Shared>, uri: Uri) -> String {
-    let tag = uri.query().unwrap_or_default().to_owned();
-    shared.log.lock().unwrap().push(format!("edit {tag}"));
-    tag
-}
-
-/// Logs `report` and answers with the next prepared body.
-async fn stream_report(State(shared): State<Shared>) -> Body {
-    shared.log.lock().unwrap().push("report".to_owned());
-    let body = shared.bodies.lock().unwrap().pop_front();
-    body.unwrap_or_else(|| Body::from("report"))
-}
 
 async fn no_content() -> StatusCode {
     StatusCode::NO_CONTENT
@@ -791,7 +752,7 @@ mod loopback {
     }
 
     async fn big(State(shared): State<Shared>) -> Body {
-        shared.log.lock().unwrap().push("big".to_owned());
+        shared.record("big".to_owned());
         let chunk = Bytes::from(vec![b'x'; CHUNK]);
         let chunks = (0..BIG_CHUNKS).map(move |_| Ok::<_, Infallible>(chunk.clone()));
         Body::from_stream(futures::stream::iter(chunks))
@@ -800,9 +761,9 @@ mod loopback {
     /// A WebSocket that stays open until the client goes away, logging both ends.
     async fn websocket(State(shared): State<Shared>, upgrade: WebSocketUpgrade) -> Response<Body> {
         upgrade.on_upgrade(move |mut socket| async move {
-            shared.log.lock().unwrap().push("ws open".to_owned());
+            shared.record("ws open".to_owned());
             while let Some(Ok(_)) = socket.recv().await {}
-            shared.log.lock().unwrap().push("ws closed".to_owned());
+            shared.record("ws closed".to_owned());
         })
     }
 
