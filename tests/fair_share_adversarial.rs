@@ -16,6 +16,8 @@ mod child;
 #[path = "support/sets.rs"]
 mod sets;
 mod support;
+
+use support::OneShard;
 #[path = "support/threads.rs"]
 mod threads;
 
@@ -713,28 +715,6 @@ mod stress {
             });
         }
     }
-}
-
-/// Every key hashes alike, so that every key, and every set's lead, is in one shard.
-#[derive(Clone, Default)]
-struct OneShard;
-
-impl std::hash::BuildHasher for OneShard {
-    type Hasher = Constant;
-
-    fn build_hasher(&self) -> Constant {
-        Constant
-    }
-}
-
-struct Constant;
-
-impl std::hash::Hasher for Constant {
-    fn finish(&self) -> u64 {
-        7
-    }
-
-    fn write(&mut self, _: &[u8]) {}
 }
 
 // ---------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::OneShard;
+
 use std::hash::{Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
@@ -142,26 +144,6 @@ fn a_subscriber_that_panics_on_queued_leaves_no_phantom_waiter() {
     let mut next = task::spawn(service.call(request(1, 2)));
     assert_ready_ok!(next.poll());
     assert_eq!(*starts.lock().unwrap(), [0, 2]);
-}
-
-/// Every key hashes alike, so that all of them share one shard and its table.
-#[derive(Clone, Default)]
-struct OneShard;
-
-impl std::hash::BuildHasher for OneShard {
-    type Hasher = Constant;
-    fn build_hasher(&self) -> Constant {
-        Constant
-    }
-}
-
-struct Constant;
-
-impl Hasher for Constant {
-    fn finish(&self) -> u64 {
-        7
-    }
-    fn write(&mut self, _: &[u8]) {}
 }
 
 #[cfg(feature = "tracing")]

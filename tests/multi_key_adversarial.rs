@@ -16,6 +16,8 @@ mod child;
 #[path = "support/sets.rs"]
 mod sets;
 mod support;
+
+use support::OneShard;
 #[path = "support/threads.rs"]
 mod threads;
 
@@ -476,28 +478,6 @@ type Plain = tower_sync_engine::ResponseFuture<Handlers, Req, u64>;
 fn serve<H>(layer: &SyncEngineLayer<Policy, u64, H>) -> (Engine<H>, Calls<Plain>) {
     let handlers = Handlers::default();
     (layer.layer(handlers.clone()), Calls::new(&handlers))
-}
-
-/// Every key hashes alike, so that every key, and every set's lead, is in one shard.
-#[derive(Clone, Default)]
-struct OneShard;
-
-impl BuildHasher for OneShard {
-    type Hasher = Constant;
-
-    fn build_hasher(&self) -> Constant {
-        Constant
-    }
-}
-
-struct Constant;
-
-impl Hasher for Constant {
-    fn finish(&self) -> u64 {
-        7
-    }
-
-    fn write(&mut self, _: &[u8]) {}
 }
 
 // ---------------------------------------------------------------------------------------

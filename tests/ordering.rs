@@ -305,27 +305,9 @@ async fn concurrent_requests_are_not_delayed_and_touch_no_queue() {
 
 #[tokio::test(start_paused = true)]
 async fn keys_are_compared_by_value_not_by_hash() {
-    use std::hash::{BuildHasher, Hasher};
-
-    /// Sends every key to the same hash: the worst case for a table.
-    #[derive(Clone, Default)]
-    struct Colliding;
-    struct Constant;
-    impl Hasher for Constant {
-        fn finish(&self) -> u64 {
-            42
-        }
-        fn write(&mut self, _: &[u8]) {}
-    }
-    impl BuildHasher for Colliding {
-        type Hasher = Constant;
-        fn build_hasher(&self) -> Constant {
-            Constant
-        }
-    }
-
     let recorder = Recorder::default();
-    let layer = SyncEngineLayer::new(by_key).with_hasher(Colliding);
+    // Every key to the same hash: the worst case for a table.
+    let layer = SyncEngineLayer::new(by_key).with_hasher(support::OneShard);
     let mut service = layer.layer(handler(&recorder));
     let started = Instant::now();
     let calls: Vec<_> = (0..30)
