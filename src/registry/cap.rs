@@ -325,7 +325,12 @@ impl Shares {
         self.0.find(hash, |share| share.id == id)
     }
 
-    fn get_mut(&mut self, hash: u64, id: u64) -> &mut Share {
+    fn get_mut(&mut self, hash: u64, id: u64) -> Option<&mut Share> {
+        self.0.find_mut(hash, |share| share.id == id)
+    }
+
+    /// The share of key `(hash, id)`, made empty if it has none yet.
+    fn get_or_insert(&mut self, hash: u64, id: u64) -> &mut Share {
         self.0
             .entry(hash, |share| share.id == id, |share| share.hash)
             .or_insert_with(|| Share {
@@ -367,10 +372,11 @@ impl<K> Shard<K> {
 
     /// Clears the marker of key `(hash, id)`, whose waiting request leaves.
     pub(super) fn clear_marker(&mut self, hash: u64, id: u64, bucket: &mut u32) {
-        let share = self.shares.get_mut(hash, id);
-        share.waiting = None;
-        if share.is_empty() {
-            self.shares.remove(hash, id);
+        if let Some(share) = self.shares.get_mut(hash, id) {
+            share.waiting = None;
+            if share.is_empty() {
+                self.shares.remove(hash, id);
+            }
         }
         self.set_slot_waiter(hash, id, bucket, false);
     }
@@ -485,9 +491,9 @@ pub(super) fn take<K>(lead: &mut Claim<K>, others: &mut [Claim<K>], waker: Optio
         for (key, &guard) in keys.iter_mut().zip(&guard_of) {
             let shard = &mut guards[guard];
             match outcome {
-                Ok(grant) => shard.shares.get_mut(key.hash, key.id).last_grant = Some(grant),
+                Ok(grant) => shard.shares.get_or_insert(key.hash, key.id).last_grant = Some(grant),
                 Err(marker) => {
-                    shard.shares.get_mut(key.hash, key.id).waiting = Some(marker);
+                    shard.shares.get_or_insert(key.hash, key.id).waiting = Some(marker);
                     shard.set_slot_waiter(key.hash, key.id, &mut key.bucket, true);
                 }
             }
@@ -552,7 +558,7 @@ pub(super) fn poll_slot<K>(
     for claim in std::iter::once(&mut *lead).chain(others.iter_mut()) {
         let mut shard = claim.cell.lock();
         shard.clear_marker(claim.hash, claim.id, &mut claim.bucket);
-        shard.shares.get_mut(claim.hash, claim.id).last_grant = Some(grant);
+        shard.shares.get_or_insert(claim.hash, claim.id).last_grant = Some(grant);
         drop(shard);
         claim.route = (claim.route & !route::ENQUEUED) | route::SLOT;
     }
