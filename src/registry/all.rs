@@ -303,10 +303,15 @@ impl<K> Default for Sets<K> {
 impl<K> Sets<K> {
     /// Parks `others` for the lead, and makes its `ticket` the set's number.
     fn lead(&self, lead: &mut Claim<K>, mut others: SmallVec<[Claim<K>; INLINE_OTHERS]>) {
-        // In a domain without a cap, the other keys' claims keep the plain route.
-        if lead.route & route::CAPPED != 0 {
+        // In a capped domain every claim of the set takes the cap's flag, which a
+        // `Mode::Sync` claim takes only once it may need a slot: the set's lead asks for
+        // its slot, and the others give theirs up by the capped release. In a domain
+        // without a cap, the other keys' claims keep the plain route.
+        let capped = lead.cell.route;
+        if capped != 0 {
+            lead.route |= capped;
             for claim in &mut others {
-                claim.route |= route::PARKED;
+                claim.route |= capped | route::PARKED;
             }
         }
         let set = Set {
@@ -488,7 +493,11 @@ pub(super) fn release_set<K>(lead: &mut Claim<K>) {
         lead.ticket = set.line_ticket;
         set.others
     });
-    lead.release_own();
+    if lead.route & route::CAPPED != 0 {
+        lead.release_capped();
+    } else {
+        lead.release();
+    }
 }
 
 /// Runs `f` on the lead and the claims on its set's other keys, in shard order, with the

@@ -36,16 +36,19 @@
 //! - **Slots held by a key.** A waiter is the unstarted head of each of its keys, so the
 //!   other claims that hold the key's permits have all started, and each of those took
 //!   a slot first: the key holds `holders - 1` slots. The waiter reads that under the
-//!   key's shard lock as it joins the queue. While it waits, the key's count can only
-//!   fall (nothing else on the key can start before it), and each claim that falls
-//!   from it tells the queue: under its shard's lock it reads the key's *marker*, which
-//!   names the waiting request, and then takes a slot off that waiter's count for the
-//!   key. The marker is set under the same shard lock as the count is read, so every
-//!   release is counted exactly once: before the read, or through the marker.
+//!   key's shard lock as it joins the queue, and marks the key (`slot_waiter`) under the
+//!   same lock. While it waits, the key's count can only fall (nothing else on the key
+//!   can start before it), and each claim that falls from it tells the queue: as it
+//!   leaves the key, under the shard's lock, it finds the mark and takes a slot off the
+//!   count of the ungranted waiter on that key ([`fell`]). The read, the mark and every
+//!   departure are ordered by the one shard lock, and the waiter cannot leave the key
+//!   (nor another take its place) while it is held, so every departure is counted
+//!   exactly once: before the read, or through the mark.
 //! - **When a key was last granted.** Each grant takes the next grant number, and the
-//!   key's shard keeps the latest one ([`Share`]) for as long as the key is live: a key
-//!   that goes idle forgets it, as it forgets everything else. Grant numbers are
-//!   compared by their distance from the current one, modulo 2<sup>39</sup>.
+//!   key's shard keeps the latest one ([`Grants`]) for as long as the key is live: the
+//!   number goes when the key's entry is removed, by whichever claim removes it, as
+//!   everything else of an idle key goes. Grant numbers are compared by their distance
+//!   from the current one, modulo 2<sup>39</sup>.
 //! - **How long a request has waited.** Waiters are numbered as they join.
 //!
 //! A grant scans the waiters, at most one per key (each is the unstarted head of its
@@ -64,11 +67,13 @@
 //!    it was granted or is dropped; a dropped waiter that had been granted a slot hands
 //!    it on by the rule, as a finished request does. No path gives a slot back after an
 //!    `.await`, so cancellation and panics cannot lose one.
-//! 4. Locks nest one way only: a request joining the queue holds its keys' shard locks
-//!    (taken in ascending shard order) and then takes the cap's lock; everything else
-//!    holds one of them at a time. No foreign code runs under either: wakers are cloned
-//!    before, and woken and dropped after, and tracing events are emitted once the
-//!    claim's state records what it holds (the registry's invariant 6).
+//! 4. Locks nest one way only: a shard's lock, then the cap's. A request joining the
+//!    queue holds its keys' shard locks (taken in ascending shard order) and then takes
+//!    the cap's lock; a claim that leaves a key on which a request waits for a slot
+//!    takes the cap's lock under its shard's ([`fell`]); everything else holds one of
+//!    them at a time. No foreign code runs under either: wakers are cloned before, and
+//!    woken and dropped after, and tracing events are emitted once the claim's state
+//!    records what it holds (the registry's invariant 6).
 
 use std::task::{Context, Poll, Waker};
 
@@ -131,24 +136,6 @@ struct Waiter {
     waker: Option<Waker>,
     /// When it began to wait, for the `slot_granted` event.
     since: trace::CalledAt,
-}
-
-/// What a key's shard keeps for the cap, while the key is live and has had a grant or a
-/// waiter.
-#[derive(Debug)]
-pub(super) struct Share {
-    hash: u64,
-    id: u64,
-    last_grant: Option<u64>,
-    /// The request waiting for a slot as the key's unstarted head.
-    waiting: Option<Marker>,
-}
-
-/// A queued request, named from one of its keys' shards.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Marker {
-    lead: Identity,
-    number: u64,
 }
 
 /// How asking for a slot ended.
@@ -310,77 +297,60 @@ impl Waiter {
     }
 }
 
-impl Share {
-    fn is_empty(&self) -> bool {
-        self.last_grant.is_none() && self.waiting.is_none()
-    }
+/// The latest grant to each live key of a shard that has had one, by the key's hash and
+/// entry id. A key's grant is forgotten when its entry is removed.
+#[derive(Default)]
+pub(super) struct Grants(HashTable<Grant>);
+
+struct Grant {
+    hash: u64,
+    id: u64,
+    number: u64,
 }
 
-/// The keys' shares of one shard, by the key's hash and entry id.
-#[derive(Default)]
-pub(super) struct Shares(HashTable<Share>);
-
-impl Shares {
-    fn get(&self, hash: u64, id: u64) -> Option<&Share> {
-        self.0.find(hash, |share| share.id == id)
-    }
-
-    fn get_mut(&mut self, hash: u64, id: u64) -> Option<&mut Share> {
-        self.0.find_mut(hash, |share| share.id == id)
-    }
-
-    /// The share of key `(hash, id)`, made empty if it has none yet.
-    fn get_or_insert(&mut self, hash: u64, id: u64) -> &mut Share {
+impl Grants {
+    pub(super) fn get(&self, hash: u64, id: u64) -> Option<u64> {
         self.0
-            .entry(hash, |share| share.id == id, |share| share.hash)
-            .or_insert_with(|| Share {
-                hash,
-                id,
-                last_grant: None,
-                waiting: None,
-            })
-            .into_mut()
+            .find(hash, |grant| grant.id == id)
+            .map(|grant| grant.number)
     }
 
-    fn remove(&mut self, hash: u64, id: u64) {
-        if let Ok(share) = self.0.find_entry(hash, |share| share.id == id) {
-            share.remove();
+    pub(super) fn set(&mut self, hash: u64, id: u64, number: u64) {
+        match self
+            .0
+            .entry(hash, |grant| grant.id == id, |grant| grant.hash)
+        {
+            hashbrown::hash_table::Entry::Occupied(mut found) => found.get_mut().number = number,
+            hashbrown::hash_table::Entry::Vacant(room) => {
+                room.insert(Grant { hash, id, number });
+            }
+        }
+    }
+
+    /// Keys with a grant.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(super) fn forget(&mut self, hash: u64, id: u64) {
+        if self.0.is_empty() {
+            return;
+        }
+        if let Ok(grant) = self.0.find_entry(hash, |grant| grant.id == id) {
+            grant.remove();
             if self.0.is_empty() {
-                self.0.shrink_to(RETAINED_SHARES, |share| share.hash);
+                self.0.shrink_to(RETAINED_GRANTS, |grant| grant.hash);
             }
         }
     }
 }
+
+/// Room for keys' grants an emptied shard keeps.
+const RETAINED_GRANTS: usize = 8;
 
 /// Room for waiters an emptied queue keeps.
 const RETAINED_WAITERS: usize = 8;
-
-/// Room for keys' shares an emptied shard keeps.
-const RETAINED_SHARES: usize = 8;
-
-/// The shards' side: what a key keeps for the cap.
-impl<K> Shard<K> {
-    /// Forgets a key's share once its entry is gone.
-    pub(super) fn forget_share(&mut self, hash: u64, id: u64) {
-        self.shares.remove(hash, id);
-    }
-
-    /// The marker of the request waiting for a slot on key `(hash, id)`, if any.
-    pub(super) fn waiting_marker(&self, hash: u64, id: u64) -> Option<Marker> {
-        self.shares.get(hash, id).and_then(|share| share.waiting)
-    }
-
-    /// Clears the marker of key `(hash, id)`, whose waiting request leaves.
-    pub(super) fn clear_marker(&mut self, hash: u64, id: u64, bucket: &mut u32) {
-        if let Some(share) = self.shares.get_mut(hash, id) {
-            share.waiting = None;
-            if share.is_empty() {
-                self.shares.remove(hash, id);
-            }
-        }
-        self.set_slot_waiter(hash, id, bucket, false);
-    }
-}
 
 /// One key of a request asking for a slot: its shard, and its entry there.
 struct KeyOf<'a, K> {
@@ -432,20 +402,16 @@ pub(super) fn take<K>(lead: &mut Claim<K>, others: &mut [Claim<K>], waker: Optio
             guard_of.push(guards.len() - 1);
         }
         let grant = cap.try_take();
-        let outcome = match grant {
-            Some(grant) => Ok(grant),
+        let grant = match grant {
+            Some(grant) => Some(grant),
             None => {
                 let mut loads = SmallVec::new();
                 let mut last_grant: Option<u64> = None;
                 for (key, &guard) in keys.iter_mut().zip(&guard_of) {
-                    let shard = &mut guards[guard];
-                    let holders = shard.holders(key.hash, key.id, &mut key.bucket);
+                    let (holders, key_grant) =
+                        guards[guard].share(key.hash, key.id, &mut key.bucket);
                     loads.push((key.identity(), holders.saturating_sub(1)));
-                    if let Some(grant) = shard
-                        .shares
-                        .get(key.hash, key.id)
-                        .and_then(|s| s.last_grant)
-                    {
+                    if let Some(grant) = key_grant {
                         last_grant = Some(last_grant.map_or(grant, |last: u64| {
                             // The later of the two, by distance from either.
                             if grant.wrapping_sub(last) & GRANT_MASK < GRANT_MASK / 2 {
@@ -457,55 +423,44 @@ pub(super) fn take<K>(lead: &mut Claim<K>, others: &mut [Claim<K>], waker: Optio
                     }
                 }
                 let mut queue = cap.lock();
-                match cap.take_or_wait() {
-                    Some(grant) => Ok(grant),
-                    None => {
-                        let number = queue.next_number;
-                        queue.next_number += 1;
-                        queue.ungranted += 1;
-                        let lead_identity = keys[0].identity();
-                        debug_assert!(
-                            queue
-                                .waiters
-                                .iter()
-                                .all(|waiter| waiter.lead != lead_identity),
-                            "one waiter per key"
-                        );
-                        queue.waiters.push(Waiter {
-                            lead: lead_identity,
-                            number,
-                            loads,
-                            last_grant,
-                            granted: None,
-                            waker,
-                            since,
-                        });
-                        Err(Marker {
-                            lead: lead_identity,
-                            number,
-                        })
-                    }
+                let grant = cap.take_or_wait();
+                if grant.is_none() {
+                    let number = queue.next_number;
+                    queue.next_number += 1;
+                    queue.ungranted += 1;
+                    let lead = keys[0].identity();
+                    debug_assert!(
+                        queue.waiters.iter().all(|waiter| waiter.lead != lead),
+                        "one waiter per key"
+                    );
+                    queue.waiters.push(Waiter {
+                        lead,
+                        number,
+                        loads,
+                        last_grant,
+                        granted: None,
+                        waker,
+                        since,
+                    });
                 }
+                grant
             }
         };
         for (key, &guard) in keys.iter_mut().zip(&guard_of) {
             let shard = &mut guards[guard];
-            match outcome {
-                Ok(grant) => shard.shares.get_or_insert(key.hash, key.id).last_grant = Some(grant),
-                Err(marker) => {
-                    shard.shares.get_or_insert(key.hash, key.id).waiting = Some(marker);
-                    shard.set_slot_waiter(key.hash, key.id, &mut key.bucket, true);
-                }
+            match grant {
+                Some(grant) => shard.took_slot(key.hash, key.id, &mut key.bucket, grant),
+                None => shard.set_slot_waiter(key.hash, key.id, &mut key.bucket, true),
             }
         }
-        outcome
+        grant
     };
     match taken {
-        Ok(_) => {
+        Some(_) => {
             mark(lead, others, route::SLOT);
             Taken::Slot
         }
-        Err(_) => {
+        None => {
             mark(lead, others, route::ENQUEUED);
             Taken::Queued
         }
@@ -556,10 +511,10 @@ pub(super) fn poll_slot<K>(
     drop(queue);
     let grant = waiter.granted.expect("granted, as checked above");
     for claim in std::iter::once(&mut *lead).chain(others.iter_mut()) {
-        let mut shard = claim.cell.lock();
-        shard.clear_marker(claim.hash, claim.id, &mut claim.bucket);
-        shard.shares.get_or_insert(claim.hash, claim.id).last_grant = Some(grant);
-        drop(shard);
+        claim
+            .cell
+            .lock()
+            .took_slot(claim.hash, claim.id, &mut claim.bucket, grant);
         claim.route = (claim.route & !route::ENQUEUED) | route::SLOT;
     }
     // The grant was made for this task's waker; the one replaced, if any, goes too.
@@ -606,19 +561,19 @@ pub(super) fn give_back<K>(cell: &ShardCell<K>) {
     }
 }
 
-/// A claim that held a slot on the key of `claim` has let go of the key while `marker`
-/// waits on it: the waiter's count for that key falls by one.
-pub(super) fn fell<K>(claim: &Claim<K>, marker: Marker) {
+/// A claim whose request held a slot lets go of its key, on which another request waits
+/// for a slot: that waiter's count for the key falls by one. Called under the key's
+/// shard lock, so the waiter cannot leave the key, nor another take its place, before
+/// its count is lowered.
+pub(super) fn fell<K>(claim: &Claim<K>) {
     let key = identity(claim);
     let mut queue = claim.cell.cap().lock();
-    let Some(index) = queue.position(marker.lead) else {
-        return;
-    };
-    let waiter = &mut queue.waiters[index];
-    if waiter.number != marker.number || waiter.granted.is_some() {
-        return;
-    }
-    if let Some((_, slots)) = waiter.loads.iter_mut().find(|(of, _)| *of == key) {
+    let load = queue
+        .waiters
+        .iter_mut()
+        .filter(|waiter| waiter.granted.is_none())
+        .find_map(|waiter| waiter.loads.iter_mut().find(|(of, _)| *of == key));
+    if let Some((_, slots)) = load {
         *slots = slots.saturating_sub(1);
     }
 }

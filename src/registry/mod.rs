@@ -97,8 +97,10 @@
 //! With `max_in_flight`, a claim that is the head of its keys also needs a slot of the
 //! domain's cap before it may call the inner service ([`cap`], whose docs give the
 //! algorithm and its invariants). The cap adds per key only what its fairness rule
-//! needs, in the key's shard beside its entry ([`cap::Shares`]), and gone with it; a
-//! domain without a cap has none of it.
+//! needs, in the key's shard, and gone with the key's entry: a flag in the entry while
+//! a request waits for a slot as the key's unstarted head, and the key's latest grant
+//! in the shard's limits ([`shard::Limits`]), which the removal of an entry clears
+//! whichever claim removes it. A domain without a cap has none of it.
 //!
 //! # Memory
 //!
@@ -135,17 +137,19 @@
 //!   request.
 //! - **Sets of keys and the cap stay off this path** ([`all`]'s Performance section,
 //!   `layer_sync_*`, `hand_off_layer`): a claim that leads a `Mode::SyncAll` request's
-//!   set, is parked in one, or belongs to a domain with a cap is told apart by a byte
-//!   of flags, its *route*, not by a type; a claim with no flag takes the plain path,
-//!   and every other one a cold function. The cap's steps in `call()` are out of line
-//!   too (`Turn::start_capped`). So a domain without a cap runs none of the cap's code,
-//!   and touches no state of it. What the route still costs there, against the
-//!   constant flag it replaced, is the read of the domain's route as a claim is built
-//!   and what that does to the compiler's inlining: `layer_sync_new_key` 413
-//!   instructions (398 before), `layer_sync_live_key` 863 (857), `hand_off_layer`
-//!   1,524 (1,524), the two-key rows 2,027 and 3,118 (1,975 and 3,061). Every variant
-//!   measured moved those rows between two layouts; this one costs the fewest
-//!   instructions on the contended rows.
+//!   set, is parked in one, or needs a slot of the cap is told apart by a byte of
+//!   flags, its *route*, not by a type; a claim with no flag takes the plain path, and
+//!   every other one a cold function. Every `Mode::Sync` claim is built with no flag,
+//!   whatever its domain, and takes its domain's flag only where the cap acts: as it
+//!   starts inside `call()` (`Turn::start_capped`, out of line too), or when
+//!   [`poll_head`](Claim::poll_head) finds that its turn has come. A claim that never
+//!   needed a slot (one dropped in line) leaves by the plain release, which is why a
+//!   key's share of the cap lives where that release clears it. So a domain without a
+//!   cap runs none of the cap's code, and touches no state of it. Against the commit
+//!   before the cap, its rows measure: `layer_sync_new_key` 413 (398 before: the
+//!   release is no longer inlined into the response future's last poll), foldhash 330
+//!   (315), `layer_sync_live_key` 860 (857), `hand_off_layer` 1,521 (1,524), the two-key
+//!   rows 2,021 and 3,102 (1,975 and 3,074).
 //! - **The start notice** (`hand_off_layer`, `permits_per_key` > 1): the shard is told
 //!   through the claim's fields (`notify_started`), not its address, which would force a
 //!   claim held in registers out to memory first.
@@ -232,8 +236,8 @@ struct ShardCell<K> {
     sets: Sets<K>,
     /// The domain's cap, when `max_in_flight` is set ([`cap`]).
     cap: Option<Arc<Cap>>,
-    /// The route every claim of the domain starts with: [`route::CAPPED`] in a capped
-    /// domain, nothing otherwise.
+    /// The flag a claim of the domain takes once its request may need a slot:
+    /// [`route::CAPPED`] in a capped domain, nothing otherwise.
     route: u8,
     /// Whether a claim that starts must tell the shard or the cap: more than one permit
     /// per key, or a cap.
@@ -362,7 +366,7 @@ impl<K, H> Registry<K, H> {
                 .map(|_| {
                     Arc::new(ShardCell {
                         settings: self.settings,
-                        shard: Mutex::new(Shard::new(budget.clone())),
+                        shard: Mutex::new(Shard::new(budget.clone(), cap.is_some())),
                         sets: Sets::default(),
                         route: if cap.is_some() { route::CAPPED } else { 0 },
                         announces_starts: self.settings.permits_per_key > 1 || cap.is_some(),
@@ -442,7 +446,7 @@ where
         Ok(Claimed {
             claim: Claim {
                 state,
-                route: cell.route,
+                route: 0,
                 bucket: place.bucket,
                 cell: Arc::clone(cell),
                 hash,
@@ -570,7 +574,7 @@ impl<K> Claim<K> {
         let (state, ticket, queued) = ClaimState::placed(place.position, &cell.settings);
         let claim = Claim {
             state,
-            route: cell.route,
+            route: 0,
             bucket: place.bucket,
             cell: Arc::clone(cell),
             hash,
@@ -591,10 +595,15 @@ impl<K> Claim<K> {
     /// Resolves once this claim is the head of its key and may call the inner service.
     #[inline]
     pub(crate) fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.route != 0 {
-            return self.poll_head_routed(cx);
+        if self.route == 0 {
+            ready!(self.poll_own_head(cx));
+            // Its turn has come: in a capped domain, the request now needs a slot.
+            if self.cell.route == 0 {
+                return Poll::Ready(());
+            }
+            self.route = self.cell.route;
         }
-        self.poll_own_head(cx)
+        self.poll_head_routed(cx)
     }
 
     /// [`poll_head`](Self::poll_head) for a claim that leads a set, is parked in one, or
@@ -629,7 +638,7 @@ impl<K> Claim<K> {
     /// Whether the claim's domain has a cap.
     #[inline]
     pub(crate) fn is_capped(&self) -> bool {
-        self.route & route::CAPPED != 0
+        self.cell.route & route::CAPPED != 0
     }
 
     /// In a capped domain, asks for a slot for a request that is the head of its keys,
@@ -637,6 +646,9 @@ impl<K> Claim<K> {
     /// the request has to wait for one, `None` when it took one.
     pub(crate) fn queue_for_slot(&mut self) -> Option<SlotQueued> {
         debug_assert!(self.is_capped(), "only a capped domain has slots");
+        // A `Mode::Sync` claim takes the cap's flag here, as it may first need a slot; a
+        // set's claims have it already.
+        self.route |= route::CAPPED;
         let taken = if self.route & route::LEADS_SET != 0 {
             all::with_others(self, |lead, others| cap::take(lead, others, None))
         } else {
@@ -808,31 +820,34 @@ impl<K> Claim<K> {
         if self.route & route::LEADS_SET != 0 {
             all::release_set(self);
         } else {
-            self.release_own();
+            self.release_capped();
         }
     }
 
-    /// Gives this claim's own place up, in a domain with a cap or without.
-    // PERF: layer_sync_live_key, hand_off_layer, layer_sync_all_two_new_keys (module
-    // docs, Performance: the route). Out of line, those rows measured 7, 13 and 27
-    // instructions more; layer_sync_new_key 13 fewer.
-    #[inline]
-    fn release_own(&mut self) {
-        if self.route & route::CAPPED == 0 {
-            return self.release();
-        }
+    /// Gives this claim's own place up in a domain with a cap. A claim whose request
+    /// waited for a slot unmarks its key; one whose request held a slot tells the request
+    /// waiting for a slot on its key, if any, that the key holds one fewer (the [`cap`]
+    /// docs, "Slots held by a key").
+    fn release_capped(&mut self) {
         let leaving = self.leaving();
-        let (deferred, marker) = self.cell.lock().leave_capped(
-            &self.cell.settings,
-            (self.hash, self.id, &mut self.bucket),
-            leaving,
-            self.route & route::SLOT != 0,
-            self.route & route::ENQUEUED != 0,
-        );
-        // Before any foreign code runs: a panic there must not lose the count.
-        if let Some(marker) = marker {
-            cap::fell(self, marker);
+        let mut shard = self.cell.lock();
+        if self.route & route::ENQUEUED != 0 {
+            shard.set_slot_waiter(self.hash, self.id, &mut self.bucket, false);
+        } else if self.route & route::SLOT != 0
+            && shard.has_slot_waiter(self.hash, self.id, &mut self.bucket)
+        {
+            // Under the shard's lock, the one place the cap's lock is taken inside it
+            // besides `cap::take`.
+            cap::fell(self);
         }
+        let deferred = shard.leave(
+            &self.cell.settings,
+            self.hash,
+            self.id,
+            &mut self.bucket,
+            leaving,
+        );
+        drop(shard);
         deferred.run();
     }
 

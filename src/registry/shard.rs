@@ -8,7 +8,7 @@
 
 use std::task::Waker;
 
-use super::cap::{Marker, Shares};
+use super::cap::Grants;
 use super::foreign::{self, LetGo};
 use super::keys::{Entry, Keys};
 use super::line::{Line, Polled};
@@ -42,8 +42,9 @@ pub(super) struct Shard<K> {
     /// The table shrinks only when it is far larger than this, so that a steady load that
     /// swings between a few and a few dozen keys does not reallocate back and forth.
     demand: u32,
-    /// Live keys across every shard of the domain, against `max_keys`; only when set.
-    budget: Option<Arc<KeyBudget>>,
+    /// What the domain's limits keep here; `None` in a domain without `max_keys` and
+    /// `max_in_flight`.
+    limits: Option<Box<Limits>>,
     /// Empty lines kept from keys that went idle, for the next keys that need one; never
     /// more than the table has room for keys (see `Shard::keep_line`). Boxed because a
     /// line moves between this list and a key's entry, which holds it boxed.
@@ -52,9 +53,17 @@ pub(super) struct Shard<K> {
         reason = "lines move to and from `KeyState::line` as boxes"
     )]
     spare_lines: Vec<Box<Line>>,
-    /// What the domain's cap (`max_in_flight`) keeps per live key, by its hash and entry
-    /// id; empty in a domain without one.
-    pub(super) shares: Shares,
+}
+
+/// What a domain's limits keep in each of its shards, behind one pointer that is tested
+/// once as a key's entry is made and once as it is removed: a domain with neither limit
+/// pays one test for both.
+pub(super) struct Limits {
+    /// Live keys across every shard of the domain, against `max_keys`.
+    budget: Option<Arc<KeyBudget>>,
+    /// The latest grant of the domain's cap (`max_in_flight`) to each live key of the
+    /// shard that has had one.
+    grants: Grants,
 }
 
 /// One live key.
@@ -144,6 +153,16 @@ impl<K> Deferred<K> {
     }
 }
 
+impl Limits {
+    /// The entry of key `(hash, id)` has been removed.
+    fn removed(&mut self, hash: u64, id: u64) {
+        if let Some(budget) = &self.budget {
+            budget.give_back();
+        }
+        self.grants.forget(hash, id);
+    }
+}
+
 impl KeyBudget {
     pub(super) fn new(max: usize) -> Self {
         KeyBudget {
@@ -166,14 +185,20 @@ impl KeyBudget {
 }
 
 impl<K> Shard<K> {
-    pub(super) fn new(budget: Option<Arc<KeyBudget>>) -> Self {
+    /// A shard of a domain with a `max_keys` `budget`, if any, and a cap, if `capped`.
+    pub(super) fn new(budget: Option<Arc<KeyBudget>>, capped: bool) -> Self {
+        let limits = (budget.is_some() || capped).then(|| {
+            Box::new(Limits {
+                budget,
+                grants: Grants::default(),
+            })
+        });
         Shard {
             keys: Keys::new(),
             next_id: 0,
             demand: 0,
-            budget,
+            limits,
             spare_lines: Vec::new(),
-            shares: Shares::default(),
         }
     }
 
@@ -205,7 +230,11 @@ impl<K> Shard<K> {
                 });
             return (place, Some(key));
         }
-        if let Some(budget) = &self.budget {
+        if let Some(budget) = self
+            .limits
+            .as_ref()
+            .and_then(|limits| limits.budget.as_ref())
+        {
             if !budget.try_take() {
                 return (Err(Overloaded::new(Limit::MaxKeys)), Some(key));
             }
@@ -327,11 +356,11 @@ impl<K> Shard<K> {
     }
 
     /// The entry of a key that went idle has been removed: gives back its place in the
-    /// key budget, keeps its line, and lets the table shrink.
+    /// key budget, forgets its grant, keeps its line, and lets the table shrink.
     #[inline]
     fn removed(&mut self, state: KeyState<K>, stale: Option<Waker>) -> Deferred<K> {
-        if let Some(budget) = &self.budget {
-            budget.give_back();
+        if let Some(limits) = &mut self.limits {
+            limits.removed(state.hash, state.id);
         }
         if let Some(line) = state.line {
             self.keep_line(line);
@@ -346,41 +375,41 @@ impl<K> Shard<K> {
         }
     }
 
-    /// [`leave`](Self::leave) for a claim of a capped domain. A claim whose request held a
-    /// slot (`counts_slot`) reads the marker of the request waiting for a slot on its key,
-    /// which it tells about its departure; one that was queued for a slot itself
-    /// (`was_queued`) clears its marker. The key's share goes with its entry.
-    pub(super) fn leave_capped(
-        &mut self,
-        settings: &Settings,
-        (hash, id, bucket): (u64, u64, &mut u32),
-        leaving: Leaving,
-        counts_slot: bool,
-        was_queued: bool,
-    ) -> (Deferred<K>, Option<Marker>) {
-        let marker = if counts_slot {
-            self.waiting_marker(hash, id)
-        } else {
-            None
-        };
-        if was_queued {
-            self.clear_marker(hash, id, bucket);
-        }
-        let deferred = self.leave(settings, hash, id, bucket, leaving);
-        if deferred.removed_key.is_some() {
-            self.forget_share(hash, id);
-        }
-        (deferred, marker)
+    /// What the cap's rule reads of the live key `(hash, id)`: the claims holding its
+    /// permits, and the key's latest grant.
+    pub(super) fn share(&mut self, hash: u64, id: u64, bucket: &mut u32) -> (u32, Option<u64>) {
+        let holders = self.state_mut(hash, id, bucket).holders;
+        (holders, self.limits().grants.get(hash, id))
     }
 
-    /// Claims holding a permit of the live key `(hash, id)`.
-    pub(super) fn holders(&mut self, hash: u64, id: u64, bucket: &mut u32) -> u32 {
-        self.state_mut(hash, id, bucket).holders
+    /// A request took a slot with number `grant` as the live key `(hash, id)`'s unstarted
+    /// head: the key's latest grant, and nobody waits for a slot on it any more.
+    pub(super) fn took_slot(&mut self, hash: u64, id: u64, bucket: &mut u32, grant: u64) {
+        self.state_mut(hash, id, bucket).slot_waiter = false;
+        self.limits_mut().grants.set(hash, id, grant);
+    }
+
+    /// Whether the unstarted head of the live key `(hash, id)` waits for a slot.
+    pub(super) fn has_slot_waiter(&mut self, hash: u64, id: u64, bucket: &mut u32) -> bool {
+        self.state_mut(hash, id, bucket).slot_waiter
     }
 
     /// Marks whether the unstarted head of the live key `(hash, id)` waits for a slot.
     pub(super) fn set_slot_waiter(&mut self, hash: u64, id: u64, bucket: &mut u32, waits: bool) {
         self.state_mut(hash, id, bucket).slot_waiter = waits;
+    }
+
+    /// The shard's limits; only a capped domain's claims ask for them.
+    fn limits(&self) -> &Limits {
+        self.limits
+            .as_deref()
+            .expect("a capped domain's shard keeps limits")
+    }
+
+    fn limits_mut(&mut self) -> &mut Limits {
+        self.limits
+            .as_deref_mut()
+            .expect("a capped domain's shard keeps limits")
     }
 
     /// Number of live keys, claims holding a permit and claims waiting for one.

@@ -39,6 +39,11 @@ impl<K> Shard<K> {
     fn spare_lines(&self) -> usize {
         self.spare_lines.len()
     }
+
+    /// Live keys whose latest grant of the cap the shard keeps.
+    fn grants(&self) -> usize {
+        self.limits.as_ref().map_or(0, |limits| limits.grants.len())
+    }
 }
 
 impl KeyBudget {
@@ -220,7 +225,7 @@ impl Run {
         Run {
             rng,
             settings: settings(permits, max_queue, max_keys),
-            shard: Shard::new(budget.clone()),
+            shard: Shard::new(budget.clone(), false),
             budget,
             keys: (0..KEYS).map(|_| KeyModel::default()).collect(),
             requests: Vec::new(),
@@ -829,9 +834,42 @@ fn lines_of(shard: &Shard<u64>) -> Vec<*const Line> {
 }
 
 #[test]
+fn a_keys_grant_goes_with_its_entry_whichever_claim_removes_it() {
+    let settings = Settings::default();
+    let mut shard = Shard::new(None, true);
+    // The head takes a slot; a second request on the key waits in line and, dropped
+    // there, never asks for one: it leaves by the plain release, and the key's grant
+    // still goes with the entry.
+    let [mut head, waiter] = queue(&mut shard, &settings, 1);
+    shard.took_slot(hash_of(1), head.id, &mut head.bucket, 7);
+    assert_eq!(
+        shard.share(hash_of(1), head.id, &mut head.bucket),
+        (1, Some(7))
+    );
+    assert_eq!(leave(&mut shard, &settings, head), None);
+    assert_eq!(shard.grants(), 1, "the key is live: its grant is kept");
+    assert_eq!(leave(&mut shard, &settings, waiter), Some(1));
+    assert_eq!((shard.counts(), shard.grants()), ((0, 0, 0), 0));
+
+    // The same when the key's only request took the slot.
+    let mut alone = claim(&mut shard, &settings, 2);
+    shard.took_slot(hash_of(2), alone.id, &mut alone.bucket, 8);
+    assert_eq!(leave(&mut shard, &settings, alone), Some(2));
+    assert_eq!(shard.grants(), 0);
+
+    // A later entry of the key starts with no history.
+    let mut again = claim(&mut shard, &settings, 2);
+    assert_eq!(
+        shard.share(hash_of(2), again.id, &mut again.bucket),
+        (1, None)
+    );
+    assert_eq!(leave(&mut shard, &settings, again), Some(2));
+}
+
+#[test]
 fn keys_that_queue_again_reuse_the_lines_of_keys_gone_idle() {
     let settings = Settings::default();
-    let mut shard = Shard::new(None);
+    let mut shard = Shard::new(None, false);
     let first: Vec<[Held; 2]> = (0..3)
         .map(|key| queue(&mut shard, &settings, key))
         .collect();
@@ -870,7 +908,7 @@ fn a_shard_that_empties_after_a_burst_keeps_a_small_table_and_one_line() {
     // given back in full when the shard empties.
     const BURST: u64 = 100;
     let settings = Settings::default();
-    let mut shard = Shard::new(None);
+    let mut shard = Shard::new(None, false);
     let burst: Vec<[Held; 2]> = (0..BURST)
         .map(|key| queue(&mut shard, &settings, key))
         .collect();
@@ -900,7 +938,7 @@ fn spare_lines_never_outnumber_the_table_capacity() {
     // follow it down, not only when the shard empties.
     const BURST: u64 = 1_000;
     let settings = Settings::default();
-    let mut shard = Shard::new(None);
+    let mut shard = Shard::new(None, false);
     let burst: Vec<[Held; 2]> = (0..BURST)
         .map(|key| queue(&mut shard, &settings, key))
         .collect();
@@ -929,7 +967,7 @@ fn spare_lines_never_outnumber_the_table_capacity() {
 fn the_uncontended_release_removes_the_entry_and_hands_the_key_back() {
     let budget = Arc::new(KeyBudget::new(1));
     let settings = settings(2, UNBOUNDED, 1);
-    let mut shard = Shard::new(Some(Arc::clone(&budget)));
+    let mut shard = Shard::new(Some(Arc::clone(&budget)), false);
     let tasks = Tasks::default();
     for round in 0..3 {
         let (placed, spare) = shard.claim(&settings, hash_of(7), 7, called_at());
