@@ -66,10 +66,11 @@
 //! - Shortcut 3 keeps its `Running` arm inline and the rest of its states out of line
 //!   (`poll_released_from_other_states`), and the machine is out of line too: the
 //!   uncontended release stays a short function (`layer_sync_new_key`).
-//! - A capped domain's step of shortcut 1 is a cold function of its own
-//!   (`start_capped`): inlined into `call()`'s `Mode::Sync` step, it made the compiler
-//!   spill registers on the paths every domain takes (`layer_sync_live_key` 7
-//!   instructions more, `hand_off_layer` 13).
+//! - The cap's step out of line: a capped domain's step of shortcut 1 is a cold
+//!   function of its own (`start_capped`), so that a domain without a cap carries none
+//!   of it on the paths every domain takes: inlined into `call()`, it measured one
+//!   instruction more on each single-key row and three more on
+//!   `layer_sync_all_two_new_keys`.
 
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -253,9 +254,8 @@ where
 
     /// [`start_notifying`](Self::start_notifying) in a capped domain: asks for a slot,
     /// and waits for one if none is free.
-    // PERF: layer_sync_live_key, hand_off_layer. Out of line: inlined into `call()`'s
-    // `Mode::Sync` step, the slot's steps made its hot paths spill registers (7
-    // instructions more per request on a live key, 13 per hand-off).
+    // PERF: layer_sync_new_key, layer_sync_all_two_new_keys (module docs, Performance:
+    // the cap's step out of line).
     #[cold]
     #[inline(never)]
     fn start_capped(inner: &mut S, request: Req, mut claim: Claim<K>) -> Self {

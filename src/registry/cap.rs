@@ -255,11 +255,17 @@ impl Cap {
             .expect("an ungranted waiter is queued");
         chosen.granted = Some(now);
         let waker = chosen.waker.take();
+        self.one_fewer_ungranted(queue);
+        waker
+    }
+
+    /// Under the lock: a waiter was granted a slot or left without one. The flag falls
+    /// with the last ungranted waiter.
+    fn one_fewer_ungranted(&self, queue: &mut Queue) {
         queue.ungranted -= 1;
         if queue.ungranted == 0 {
             self.state.fetch_and(!WAITING, Ordering::AcqRel);
         }
-        waker
     }
 }
 
@@ -316,15 +322,11 @@ impl Grants {
     }
 
     pub(super) fn set(&mut self, hash: u64, id: u64, number: u64) {
-        match self
-            .0
+        self.0
             .entry(hash, |grant| grant.id == id, |grant| grant.hash)
-        {
-            hashbrown::hash_table::Entry::Occupied(mut found) => found.get_mut().number = number,
-            hashbrown::hash_table::Entry::Vacant(room) => {
-                room.insert(Grant { hash, id, number });
-            }
-        }
+            .or_insert(Grant { hash, id, number })
+            .into_mut()
+            .number = number;
     }
 
     /// Keys with a grant.
@@ -401,8 +403,7 @@ pub(super) fn take<K>(lead: &mut Claim<K>, others: &mut [Claim<K>], waker: Optio
             }
             guard_of.push(guards.len() - 1);
         }
-        let grant = cap.try_take();
-        let grant = match grant {
+        let grant = match cap.try_take() {
             Some(grant) => Some(grant),
             None => {
                 let mut loads = SmallVec::new();
@@ -538,10 +539,7 @@ pub(super) fn withdraw<K>(lead: &Claim<K>) -> (Option<Waker>, Option<Waker>) {
     let wake = if waiter.granted.is_some() {
         cap.hand_on(&mut queue)
     } else {
-        queue.ungranted -= 1;
-        if queue.ungranted == 0 {
-            cap.state.fetch_and(!WAITING, Ordering::AcqRel);
-        }
+        cap.one_fewer_ungranted(&mut queue);
         None
     };
     drop(queue);

@@ -62,3 +62,15 @@ impl<T> Drop for LetGo<T> {
         }
     }
 }
+
+/// A waker to wake, one of several steps in a row: woken when the guard is dropped, as
+/// [`run`] would wake it, also when the unwinding of an earlier step drops the guard.
+pub(crate) struct WakeLater(pub(crate) Option<std::task::Waker>);
+
+impl Drop for WakeLater {
+    fn drop(&mut self) {
+        if let Some(waker) = self.0.take() {
+            run(move || waker.wake());
+        }
+    }
+}

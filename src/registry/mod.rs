@@ -190,8 +190,8 @@ pub(crate) use self::all::ClaimedAll;
 use self::all::Sets;
 use self::cap::Cap;
 pub(crate) use self::cap::MAX_IN_FLIGHT;
-use self::foreign::LetGo;
 pub(crate) use self::foreign::let_go;
+use self::foreign::{LetGo, WakeLater};
 use self::line::Polled;
 pub(crate) use self::settings::Settings;
 use self::settings::UNBOUNDED;
@@ -497,17 +497,6 @@ impl SlotQueued {
     /// Emits the `slot_queued` event.
     pub(crate) fn announce(self) {
         trace::slot_queued(self.domain);
-    }
-}
-
-/// A waker to wake when dropped, through [`foreign`].
-struct WakeLater(Option<Waker>);
-
-impl Drop for WakeLater {
-    fn drop(&mut self) {
-        if let Some(waker) = self.0.take() {
-            foreign::run(move || waker.wake());
-        }
     }
 }
 
