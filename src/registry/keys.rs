@@ -11,7 +11,9 @@
 //! a table entry moves only when the table is resized. A claim remembers where its
 //! entry was (a *hint*: a slot, or a table bucket) and finds it again without hashing or
 //! comparing keys; a hint that went stale (the table was resized) costs a lookup by
-//! hash and id.
+//! hash and id. A hint is trusted only once the entry it names carries the claim's id,
+//! which no other entry of the shard ever has: a stale hint may name another key's
+//! entry, or none, and is then never taken for the claim's own.
 //!
 //! Lookups by key check every slot and then, if it holds anything, the table. Each key is
 //! in exactly one place, so the order does not matter for correctness.
@@ -88,81 +90,107 @@ impl<T: Entry> Keys<T> {
         (inserted.into_mut(), hint)
     }
 
-    /// The live entry `(hash, id)`; `hint` is updated if the entry was not where it said.
+    /// Removes the entry `hint` names, if that is entry `id` and `done` holds for it.
+    /// `None` otherwise: another entry, or none, is there (the hint went stale), or the
+    /// entry is not done.
+    // PERF: layer_sync_new_key (registry Performance: the uncontended release).
+    #[inline(always)]
+    pub(super) fn take_if(
+        &mut self,
+        hint: u32,
+        id: u64,
+        done: impl FnOnce(&T) -> bool,
+    ) -> Option<T> {
+        if hint & SLOT != 0 {
+            let slot = self.slots.get_mut((hint ^ SLOT) as usize)?;
+            if slot
+                .as_ref()
+                .is_some_and(|entry| entry.id() == id && done(entry))
+            {
+                return slot.take();
+            }
+            return None;
+        }
+        let found = self.table.get_bucket_entry(hint as usize).ok()?;
+        if found.get().id() == id && done(found.get()) {
+            return Some(found.remove().0);
+        }
+        None
+    }
+
+    /// The live entry `(hash, id)`: where `hint` says, or found by its hash, and then
+    /// `hint` is updated.
+    // PERF: layer_sync_live_key, hand_off_layer (registry Performance: a claim's hint is
+    // the entry's address).
     #[inline]
     pub(super) fn get_mut(&mut self, hash: u64, id: u64, hint: &mut u32) -> &mut T {
-        let place = self.locate(hash, id, hint);
-        self.at(place)
-    }
-
-    /// The entry at `place`, which [`locate`](Self::locate) found.
-    #[inline]
-    pub(super) fn at(&mut self, place: Place) -> &mut T {
-        match place {
-            Place::Slot(index) => self.slots[index].as_mut(),
-            Place::Bucket(bucket) => self
-                .table
-                .get_bucket_entry(bucket)
-                .ok()
-                .map(hash_table::OccupiedEntry::into_mut),
+        if !self.holds(*hint, id) {
+            self.search(hash, id, hint);
         }
-        .expect("a live claim's key entry is present")
+        self.at(*hint)
     }
 
-    /// Removes the entry at `place`, which [`locate`](Self::locate) found.
-    // PERF: layer_sync_new_key. Inlined into the release: a call measured 44
-    // instructions per request.
-    #[inline(always)]
-    pub(super) fn remove(&mut self, place: Place) -> T {
-        match place {
-            Place::Slot(index) => self.slots[index].take(),
-            Place::Bucket(bucket) => self
-                .table
-                .get_bucket_entry(bucket)
-                .ok()
-                .map(|occupied| occupied.remove().0),
-        }
-        .expect("a live claim's key entry is present")
-    }
-
-    /// Where the live entry `(hash, id)` is: where `hint` says, or found by its hash;
-    /// `hint` is updated if the entry was not where it said.
+    /// Removes the entry at `hint`, which [`get_mut`](Self::get_mut) has just checked.
     #[inline]
-    pub(super) fn locate(&mut self, hash: u64, id: u64, hint: &mut u32) -> Place {
-        if *hint & SLOT != 0 {
-            let index = (*hint & !SLOT) as usize;
-            if self
+    pub(super) fn remove(&mut self, hint: u32) -> T {
+        if hint & SLOT != 0 {
+            return self.slots[(hint ^ SLOT) as usize]
+                .take()
+                .expect("a live claim's key entry is present");
+        }
+        self.table
+            .get_bucket_entry(hint as usize)
+            .map(|occupied| occupied.remove().0)
+            .ok()
+            .expect("a live claim's key entry is present")
+    }
+
+    /// Whether entry `id` is where `hint` says.
+    #[inline]
+    fn holds(&self, hint: u32, id: u64) -> bool {
+        if hint & SLOT != 0 {
+            return self
                 .slots
-                .get(index)
+                .get((hint ^ SLOT) as usize)
                 .and_then(Option::as_ref)
-                .is_some_and(|entry| entry.id() == id)
-            {
-                return Place::Slot(index);
-            }
-        } else if let Ok(entry) = self.table.get_bucket_entry(*hint as usize) {
-            if entry.get().id() == id {
-                return Place::Bucket(*hint as usize);
-            }
+                .is_some_and(|entry| entry.id() == id);
         }
-        self.search(hash, id, hint)
+        self.table
+            .get_bucket(hint as usize)
+            .is_some_and(|entry| entry.id() == id)
     }
 
+    /// The entry at `hint`, which names a live entry.
+    #[inline]
+    fn at(&mut self, hint: u32) -> &mut T {
+        if hint & SLOT != 0 {
+            return self.slots[(hint ^ SLOT) as usize]
+                .as_mut()
+                .expect("a live claim's key entry is present");
+        }
+        self.table
+            .get_bucket_entry(hint as usize)
+            .map(hash_table::OccupiedEntry::into_mut)
+            .ok()
+            .expect("a live claim's key entry is present")
+    }
+
+    /// Points `hint` at the live entry `(hash, id)`, which is not where it said.
     #[inline(never)]
-    fn search(&mut self, hash: u64, id: u64, hint: &mut u32) -> Place {
+    fn search(&mut self, hash: u64, id: u64, hint: &mut u32) {
         if let Some(index) = self
             .slots
             .iter()
             .position(|slot| slot.as_ref().is_some_and(|entry| entry.id() == id))
         {
             *hint = SLOT | index as u32;
-            return Place::Slot(index);
+            return;
         }
         let bucket = self
             .table
             .find_bucket_index(hash, |entry| entry.id() == id)
             .expect("a live claim's key entry is present");
         *hint = bucket_hint(bucket);
-        Place::Bucket(bucket)
     }
 
     /// Live entries.
@@ -184,13 +212,6 @@ impl<T: Entry> Keys<T> {
     pub(super) fn table(&mut self) -> &mut HashTable<T> {
         &mut self.table
     }
-}
-
-/// Where an entry is.
-#[derive(Clone, Copy)]
-pub(super) enum Place {
-    Slot(usize),
-    Bucket(usize),
 }
 
 /// A bucket index as a claim keeps it. A table of 2^31 buckets or more would only make

@@ -145,28 +145,35 @@
 //!   [`poll_head`](Claim::poll_head) finds that its turn has come. A claim that never
 //!   needed a slot (one dropped in line) leaves by the plain release, which is why a
 //!   key's share of the cap lives where that release clears it. So a domain without a
-//!   cap runs none of the cap's code, and touches no state of it. Against the commit
-//!   before the cap, its rows measure: `layer_sync_new_key` 413 (398 before: the
-//!   release is no longer inlined into the response future's last poll), foldhash 330
-//!   (315), `layer_sync_live_key` 860 (857), `hand_off_layer` 1,521 (1,524), the two-key
-//!   rows 2,021 and 3,102 (1,975 and 3,074).
+//!   cap runs none of the cap's code, and touches no state of it. Its rows are at or
+//!   under their budgets from before the cap (BENCHMARKS.md, "What the cap costs a
+//!   domain without one").
 //! - **The start notice** (`hand_off_layer`, `permits_per_key` > 1): the shard is told
 //!   through the claim's fields (`notify_started`), not its address, which would force a
 //!   claim held in registers out to memory first.
 //! - **`Shard::claim` is always inlined** into `call()`'s `Mode::Sync` step
 //!   (`layer_sync_new_key`, `layer_sync_live_key`): left to the compiler, those rows
 //!   measured 35 and 22 instructions more.
-//! - **The uncontended release** (`layer_sync_new_key`): `Shard::leave` removes the entry
-//!   at once when the key's only request leaves with nobody in line, before any of the
-//!   hand-off's bookkeeping.
+//! - **The uncontended release** (`layer_sync_new_key`, `layer_sync_all_two_new_keys`):
+//!   a claim holding a permit first asks for the entry its hint names to be removed if
+//!   the key's only request leaves with nobody in line (`Shard::leave_alone`,
+//!   [`keys::Keys::take_if`]): one look at the entry, nothing to wake, only the key to let
+//!   go of. `Shard::leave` and its `Deferred` are for every other release. Against the
+//!   same code without that step, new key 416 → 355 and two new keys 2,027 → 1,931; a
+//!   release that fails the check pays for it, live key 816 → 844 and hand-off 1,456 →
+//!   1,490. The same check made inside `Shard::leave`, after its lookup, measured 406,
+//!   825 and 1,466.
 //! - **Separate guards, inlined** (`hand_off_layer`, `layer_sync_live_key`): the values
 //!   a release or a poll lets go of ([`foreign::LetGo`]) are dropped from separate
 //!   locals, not a tuple, whose drop the compiler does not always inline: a call on
 //!   every hand-off. `Deferred::run` and `let_go_of`, which hold those guards, are
 //!   always inlined: as calls they cost 30 to 50 instructions more per hand-off.
-//! - **An entry's removal is inlined into the release** (`layer_sync_new_key`): the
-//!   release finds the entry once ([`keys::Keys::locate`]) and removes it where it
-//!   found it; as a call, with a second lookup, it cost 44 instructions per request.
+//! - **A claim's hint is the entry's address** (`layer_sync_live_key`,
+//!   `hand_off_layer`): a release checks the entry where the hint says
+//!   ([`keys::Keys::get_mut`], which repairs a stale hint) and removes it there
+//!   ([`keys::Keys::remove`]), with no value in between saying where the entry was.
+//!   Passing such a value from the lookup to the removal measured live key 876 and
+//!   hand-off 1,537, against 844 and 1,490.
 //! - **Rare work out of line** (`hand_off_layer`): a line's tidying checks are inline and
 //!   the tidying itself, rarely needed, is a function of its own; the same for the
 //!   binary search that finds a waiter once the line has been compacted.
@@ -852,16 +859,26 @@ impl<K> Claim<K> {
     }
 
     /// Gives this claim's own place up and lets the next claim in its line go.
+    // PERF: layer_sync_new_key (Performance: the uncontended release).
     #[inline(always)]
     fn release(&mut self) {
         let leaving = self.leaving();
-        let deferred = self.cell.lock().leave(
+        let mut shard = self.cell.lock();
+        if let Leaving::Permit { .. } = leaving {
+            if let Some(key) = shard.leave_alone(self.id, self.bucket) {
+                drop(shard);
+                let_go(key);
+                return;
+            }
+        }
+        let deferred = shard.leave(
             &self.cell.settings,
             self.hash,
             self.id,
             &mut self.bucket,
             leaving,
         );
+        drop(shard);
         deferred.run();
     }
 }

@@ -299,6 +299,18 @@ impl<K> Shard<K> {
         }
     }
 
+    /// The release of a claim that holds its key alone, with nobody in line: when its
+    /// entry is where `bucket` says, removes it and hands the key back. `None` when the
+    /// claim must [`leave`](Self::leave) instead.
+    // PERF: layer_sync_new_key (registry Performance: the uncontended release).
+    #[inline(always)]
+    pub(super) fn leave_alone(&mut self, id: u64, bucket: u32) -> Option<K> {
+        let state = self.keys.take_if(bucket, id, |state| {
+            state.holders == 1 && state.line.is_none()
+        })?;
+        Some(self.removed(state))
+    }
+
     /// A claim finished or was dropped: gives back what it held, passes a free permit on
     /// to the next claim in call order, and removes the key's entry if nothing holds or
     /// waits for it.
@@ -312,14 +324,7 @@ impl<K> Shard<K> {
         leaving: Leaving,
     ) -> Deferred<K> {
         let permits = settings.permits_per_key;
-        let place = self.keys.locate(hash, id, bucket);
-        let state = self.keys.at(place);
-        // PERF: layer_sync_new_key. The key's only request leaves and nobody waits for
-        // it, the release of every uncontended request: its entry goes at once.
-        if matches!(leaving, Leaving::Permit { .. }) && state.holders == 1 && state.line.is_none() {
-            let state = self.keys.remove(place);
-            return self.removed(state, None);
-        }
+        let state = self.keys.get_mut(hash, id, bucket);
         let stale = match leaving {
             Leaving::Permit { was_head } => {
                 state.holders -= 1;
@@ -351,14 +356,19 @@ impl<K> Shard<K> {
             };
         }
         // Idle: the entry goes in the same critical section (invariant 4).
-        let state = self.keys.remove(place);
-        self.removed(state, stale)
+        let state = self.keys.remove(*bucket);
+        Deferred {
+            wake: None,
+            stale,
+            removed_key: Some(self.removed(state)),
+        }
     }
 
     /// The entry of a key that went idle has been removed: gives back its place in the
-    /// key budget, forgets its grant, keeps its line, and lets the table shrink.
+    /// key budget, forgets its grant, keeps its line, and lets the table shrink. Returns
+    /// the key, to let go of once the lock is released.
     #[inline]
-    fn removed(&mut self, state: KeyState<K>, stale: Option<Waker>) -> Deferred<K> {
+    fn removed(&mut self, state: KeyState<K>) -> K {
         if let Some(limits) = &mut self.limits {
             limits.removed(state.hash, state.id);
         }
@@ -368,11 +378,7 @@ impl<K> Shard<K> {
         if self.keys.table().capacity() > RETAINED_KEYS {
             self.after_removal();
         }
-        Deferred {
-            wake: None,
-            stale,
-            removed_key: Some(state.key),
-        }
+        state.key
     }
 
     /// What the cap's rule reads of the live key `(hash, id)`: the claims holding its

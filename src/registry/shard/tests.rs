@@ -975,17 +975,24 @@ fn the_uncontended_release_removes_the_entry_and_hands_the_key_back() {
         assert!(matches!(place.position, Position::Head), "round {round}");
         assert_eq!(spare, None);
         assert_eq!((shard.counts(), budget.live()), ((1, 1, 0), 1));
-        let deferred = shard.leave(
-            &settings,
-            hash_of(7),
-            place.id,
-            &mut place.bucket,
-            Leaving::Permit { was_head: true },
-        );
+        let removed = if round % 2 == 0 {
+            // The claim's own release: the fast path.
+            shard.leave_alone(place.id, place.bucket)
+        } else {
+            let mut deferred = shard.leave(
+                &settings,
+                hash_of(7),
+                place.id,
+                &mut place.bucket,
+                Leaving::Permit { was_head: true },
+            );
+            assert!(deferred.wake.is_none() && deferred.stale.is_none());
+            let removed = deferred.removed_key.take();
+            assert_eq!(run(deferred, &tasks), Vec::<usize>::new());
+            removed
+        };
         // Gone in the same step, and the key is dropped after the lock, not under it.
-        assert_eq!(deferred.removed_key, Some(7), "round {round}: the key");
-        assert!(deferred.wake.is_none() && deferred.stale.is_none());
-        assert_eq!(run(deferred, &tasks), Vec::<usize>::new());
+        assert_eq!(removed, Some(7), "round {round}: the key");
         assert_eq!((shard.counts(), budget.live()), ((0, 0, 0), 0));
         assert!(!shard.has_hash(hash_of(7)), "round {round}: the entry");
     }
@@ -1035,4 +1042,69 @@ fn the_uncontended_release_removes_the_entry_and_hands_the_key_back() {
     assert_eq!(deferred.removed_key, Some(7));
     assert_eq!(run(deferred, &tasks), Vec::<usize>::new());
     assert_eq!((shard.counts(), budget.live()), ((0, 0, 0), 0));
+}
+
+/// Where `key`'s entry is now: the hint a claim made now would keep.
+fn hint_of(shard: &mut Shard<u64>, key: u64) -> u32 {
+    let (_, hint) = shard
+        .keys
+        .find(hash_of(key), |state| state.key == key)
+        .expect("a live key");
+    hint
+}
+
+#[test]
+fn the_release_of_a_lone_claim_removes_only_its_own_idle_entry() {
+    let settings = settings(1, UNBOUNDED, UNBOUNDED);
+    let mut shard = Shard::new(None, false);
+    // More keys than the shard's slots: the last ones live in its table, which grows
+    // as they come, and moves the entries it has.
+    let keys = 4 * INLINE_KEYS;
+    let mut held: Vec<Held> = (0..keys as u64)
+        .map(|key| claim(&mut shard, &settings, key))
+        .collect();
+    assert!(held.iter().all(|held| held.ticket.is_none()));
+    let first_in_table = &held[INLINE_KEYS];
+    let (moved_id, stale) = (first_in_table.id, first_in_table.bucket);
+    assert_eq!(stale & (1 << 31), 0, "a key past the slots is in the table");
+    assert_ne!(
+        stale,
+        hint_of(&mut shard, INLINE_KEYS as u64),
+        "the entry moved"
+    );
+    let hints: Vec<u32> = (0..keys as u64)
+        .map(|key| hint_of(&mut shard, key))
+        .collect();
+
+    // A hint that names another key's entry, in a slot or in the table, or no entry, or
+    // where the entry was before the table moved it: nothing is removed.
+    assert_eq!(shard.leave_alone(held[0].id, hints[1]), None);
+    assert_eq!(shard.leave_alone(held[keys - 1].id, hints[keys - 2]), None);
+    assert_eq!(shard.leave_alone(held[keys - 1].id, u32::MAX >> 1), None);
+    assert_eq!(shard.leave_alone(moved_id, stale), None);
+    assert_eq!(shard.counts(), (keys, keys, 0));
+
+    // A key with a request in line is not idle when its holder leaves.
+    let waiter = claim(&mut shard, &settings, 0);
+    assert!(waiter.ticket.is_some());
+    assert_eq!(shard.leave_alone(held[0].id, hints[0]), None);
+    assert_eq!(shard.counts(), (keys, keys, 1));
+    drain(&mut shard, &settings, [held.remove(0), waiter]);
+
+    // The claim whose hint went stale leaves by the general release, which finds its
+    // entry by its hash.
+    let moved = held.remove(INLINE_KEYS - 1);
+    assert_eq!(moved.id, moved_id);
+    assert_eq!(
+        leave(&mut shard, &settings, moved),
+        Some(INLINE_KEYS as u64)
+    );
+
+    // Every other lone claim's entry goes, in a slot or in the table, its key handed
+    // back.
+    for held in held {
+        let hint = hint_of(&mut shard, held.key);
+        assert_eq!(shard.leave_alone(held.id, hint), Some(held.key));
+    }
+    assert_eq!(shard.counts(), (0, 0, 0));
 }
