@@ -385,8 +385,9 @@
 //! - `tracing` (default): `DEBUG` events with target `tower_sync_engine` for requests
 //!   that wait for their key: `queued` with `queue_depth`, the requests of its key that
 //!   wait for their turn, itself included (what [`Stats::queued`] counts), and
-//!   `admitted` with `waited_us`, the microseconds between `call()` and the request's
-//!   turn. Requests that get their key at once emit nothing. The wait is timed with
+//!   `admitted` with `waited_us`, the microseconds between joining its key's line
+//!   (inside `call()`) and the request's turn. Requests that get their key at once emit
+//!   nothing and read no clock. The wait is timed with
 //!   `std::time::Instant`: like the layer itself, the default features work with any
 //!   runtime, or none.
 //! - `http` (default): the HTTP flavour, `SyncEngineLayer::for_http()`, in the `http`

@@ -24,9 +24,9 @@
 //! # Counters and the histogram: recorded by the requests that wait
 //!
 //! A request that gets its key at once records nothing and reads no clock. A request that
-//! waits counts itself in `call()`, reads the clock there (unless the `tracing` events
-//! were enabled, and read it already), and records its wait once its turn comes; a
-//! rejected request counts itself in `call()`. Each goes through the `metrics` macros at
+//! waits counts itself in `call()`, reads the clock as it joins its key's line there,
+//! and records its wait once its turn comes; a rejected request counts itself in
+//! `call()`. Each goes through the `metrics` macros at
 //! that moment, so a recorder installed after the layer was built still sees them. With
 //! the `tokio-clock` feature the wait is timed with tokio's clock, and a paused test
 //! runtime gives exact values.

@@ -1,19 +1,18 @@
 //! Events for requests that wait for their key, behind the `tracing` feature, and the
 //! metrics recorded at the same places, behind the `metrics` feature.
 //!
-//! A request that gets its key at once emits nothing and records nothing. The clock is
-//! read (in `call()`, before the request takes its place) only when these events are
-//! enabled: without a subscriber that wants them, no request reads the clock there. With
-//! the `metrics` feature, a request that joins its key's line and has no time yet reads
-//! the clock when it joins, inside `call()`, so that the wait histogram has a start; a
-//! request that gets its key at once still reads no clock. A request that has to wait
-//! emits, at `DEBUG` level with target `tower_sync_engine`:
+//! A request that gets its key at once emits nothing, records nothing and reads no
+//! clock. A request that joins its key's line reads the clock as it joins, inside
+//! `call()`, when `DEBUG` events are enabled at all (the maximum level alone decides:
+//! no subscriber is asked, since this runs under the shard's lock), and with the
+//! `metrics` feature always, so that the wait histogram has a start. A request that has
+//! to wait emits, at `DEBUG` level with target `tower_sync_engine`:
 //!
 //! - `queued`, with `queue_depth`: how many requests of its key are queued (what
 //!   [`Stats::queued`](crate::Stats::queued) counts, for that key), itself included, so at
 //!   least 1;
-//! - `admitted`, with `waited_us`: microseconds from `call()` until it became the head of
-//!   its key, free to start.
+//! - `admitted`, with `waited_us`: microseconds from joining its key's line, inside
+//!   `call()`, until it became the head of its key, free to start.
 //!
 //! A `Mode::SyncAll` request emits both for every key it waits on: one `queued` per such
 //! key, in `call()`, and one `admitted` as it becomes the head of each. The metrics count
@@ -31,7 +30,10 @@
 //!
 //! A request that waits checks the level inline and builds its event out of line
 //! (`#[cold]`), so that it pays one load and compare when nobody listens
-//! (`hand_off_layer`, `layer_sync_live_key`). The metrics, off by default, are recorded
+//! (`hand_off_layer`, `layer_sync_live_key`). The clock is read by the line as a request
+//! joins it ([`joined_at`]), not for every request in `call()`: a request that gets its
+//! key at once does not even check whether anyone listens (`layer_sync_new_key` 355 →
+//! 353, `layer_sync_live_key` 844 → 839, `hand_off_layer` 1,490 → 1,485). The metrics, off by default, are recorded
 //! out of line too, and only for requests that wait or are rejected.
 
 use crate::error::Limit;
@@ -59,41 +61,47 @@ impl Domain {
     pub(crate) const NONE: Domain = Domain;
 }
 
-/// When a request's wait began: the time of its `call()` if the events were enabled
-/// then, or, with `metrics`, of its joining its key's line.
+/// When a request's wait began (for its key's line, or for a slot of the cap), if anyone
+/// may want to know.
 #[cfg(any(feature = "tracing", feature = "metrics"))]
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct CalledAt(Option<Instant>);
+pub(crate) struct WaitStart(Option<Instant>);
 
 /// Nothing to time without `tracing` or `metrics`.
 #[cfg(not(any(feature = "tracing", feature = "metrics")))]
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct CalledAt;
+pub(crate) struct WaitStart;
 
-/// The time of `call()`, if anyone listens for the events.
+/// The time now, if a subscriber wants this crate's `DEBUG` events: the start of a wait
+/// for a slot of the cap. It asks the subscriber, foreign code, so never under a lock.
 #[inline]
-pub(crate) fn called_at() -> CalledAt {
+pub(crate) fn now_if_listened() -> WaitStart {
     #[cfg(feature = "tracing")]
     if tracing::enabled!(target: "tower_sync_engine", Level::DEBUG) {
-        return CalledAt(Some(Instant::now()));
+        return WaitStart(Some(Instant::now()));
     }
     #[cfg(any(feature = "tracing", feature = "metrics"))]
-    return CalledAt(None);
+    return WaitStart(None);
     #[cfg(not(any(feature = "tracing", feature = "metrics")))]
-    return CalledAt;
+    return WaitStart;
 }
 
-impl CalledAt {
-    /// The start of the wait of a request that joins its key's line now. With `metrics`,
-    /// a request without a time reads the clock here: only requests that wait do.
-    #[inline(always)]
-    pub(crate) fn or_now(self) -> Self {
-        #[cfg(feature = "metrics")]
-        if self.0.is_none() {
-            return CalledAt(Some(Instant::now()));
-        }
-        self
+/// The start of the wait of a request that joins its key's line now: the time, when
+/// `DEBUG` events are enabled at all or `metrics` records waits. It runs under the
+/// shard's lock, so it asks no subscriber, only the maximum level, and only requests that
+/// wait run it.
+#[inline]
+pub(crate) fn joined_at() -> WaitStart {
+    #[cfg(feature = "tracing")]
+    if tracing::level_enabled!(Level::DEBUG) {
+        return WaitStart(Some(Instant::now()));
     }
+    #[cfg(feature = "metrics")]
+    return WaitStart(Some(Instant::now()));
+    #[cfg(all(feature = "tracing", not(feature = "metrics")))]
+    return WaitStart(None);
+    #[cfg(not(any(feature = "tracing", feature = "metrics")))]
+    return WaitStart;
 }
 
 /// Counts a request that joined its key's line, and emits the `queued` event if anyone
@@ -125,16 +133,16 @@ fn queued_event(depth: u32) {
 }
 
 /// Records the wait of a request that became the head of its key, and emits the
-/// `admitted` event. `since` is set only when the events were enabled at `call()`, or
-/// with `metrics`, for every request that waited.
+/// `admitted` event. `since` is set only when `DEBUG` events were enabled as it joined
+/// its key's line, or with `metrics`, for every request that waited.
 #[inline]
-pub(crate) fn admitted(since: CalledAt, domain: Domain) {
+pub(crate) fn admitted(since: WaitStart, domain: Domain) {
     #[cfg(any(feature = "tracing", feature = "metrics"))]
     if let Some(since) = since.0 {
         admitted_after(since, domain);
     }
     #[cfg(not(any(feature = "tracing", feature = "metrics")))]
-    let (CalledAt, Domain) = (since, domain);
+    let (WaitStart, Domain) = (since, domain);
 }
 
 #[cfg(any(feature = "tracing", feature = "metrics"))]
@@ -146,16 +154,14 @@ fn admitted_after(since: Instant, domain: Domain) {
     crate::metrics::record_wait(domain, waited);
     #[cfg(not(feature = "metrics"))]
     let Domain = domain;
-    // With `metrics` every waiting request has a time, whether or not the events were
-    // enabled at its `call()`: ask again.
+    // A request has a time whenever `DEBUG` is enabled at all, or `metrics` records
+    // waits: the event asks the subscriber itself.
     #[cfg(feature = "tracing")]
-    if !cfg!(feature = "metrics") || tracing::enabled!(target: "tower_sync_engine", Level::DEBUG) {
-        tracing::debug!(
-            target: "tower_sync_engine",
-            waited_us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
-            "admitted"
-        );
-    }
+    tracing::debug!(
+        target: "tower_sync_engine",
+        waited_us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+        "admitted"
+    );
 }
 
 /// Emits the `slot_queued` event: a request free to start on its keys found every slot
@@ -182,7 +188,7 @@ fn slot_queued_event() {
 /// Emits the `slot_granted` event of a request that waited for a slot since `since` (set
 /// only when the events were enabled as it began to wait).
 #[inline]
-pub(crate) fn slot_granted(since: CalledAt, domain: Domain) {
+pub(crate) fn slot_granted(since: WaitStart, domain: Domain) {
     #[cfg(not(feature = "metrics"))]
     let Domain = domain;
     #[cfg(feature = "metrics")]

@@ -168,7 +168,6 @@ where
         for (_, _, key) in pending.0.drain(kept..) {
             spare_keys.push(key);
         }
-        let since = trace::called_at();
         // The first claim, in shard order, leads; the others are parked with it.
         let mut lead: Option<Claim<K>> = None;
         let mut others: SmallVec<[Claim<K>; INLINE_OTHERS]> = SmallVec::new();
@@ -186,7 +185,7 @@ where
                     locked_shard = shard;
                 }
                 let guard = locked.last_mut().expect("the key's shard is locked");
-                let (placed, spare_key) = guard.claim(&cell.settings, hash, key, since);
+                let (placed, spare_key) = guard.claim(&cell.settings, hash, key);
                 if let Some(key) = spare_key {
                     spare_keys.push(key);
                 }

@@ -135,7 +135,7 @@ struct Waiter {
     granted: Option<u64>,
     waker: Option<Waker>,
     /// When it began to wait, for the `slot_granted` event.
-    since: trace::CalledAt,
+    since: trace::WaitStart,
 }
 
 /// How asking for a slot ended.
@@ -387,7 +387,7 @@ fn identity<K>(claim: &Claim<K>) -> Identity {
 /// Takes one, or queues the request with `waker` (none inside `call()`).
 pub(super) fn take<K>(lead: &mut Claim<K>, others: &mut [Claim<K>], waker: Option<Waker>) -> Taken {
     let cap = lead.cell.cap();
-    let since = trace::called_at();
+    let since = trace::now_if_listened();
     let taken = {
         let mut keys: SmallVec<[KeyOf<'_, K>; 4]> = SmallVec::new();
         keys.push(KeyOf::of(lead));
@@ -588,7 +588,7 @@ mod tests {
             last_grant,
             granted: None,
             waker: None,
-            since: trace::called_at(),
+            since: trace::now_if_listened(),
         }
     }
 

@@ -28,7 +28,7 @@
 use std::collections::VecDeque;
 use std::task::Waker;
 
-use crate::trace::CalledAt;
+use crate::trace::{self, WaitStart};
 
 /// Waiter slots a line keeps: it never shrinks below this, so that a key with a few
 /// waiters at a time does not reallocate.
@@ -53,7 +53,7 @@ struct Waiter {
     status: Status,
     waker: Option<Waker>,
     /// When its request was called, for the `admitted` event.
-    since: CalledAt,
+    since: WaitStart,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +71,7 @@ enum Status {
 pub(super) enum Polled {
     /// The waiter left the line at its front: it may start now. Carries the waker it no
     /// longer needs, and when its request was called.
-    Head(Option<Waker>, CalledAt),
+    Head(Option<Waker>, WaitStart),
     /// Still waiting; carries the waker replaced by the current one, if any.
     Wait(Option<Waker>),
     /// Still waiting, and the stored waker would not wake the current task; call again
@@ -96,10 +96,12 @@ impl Line {
         self.live
     }
 
-    /// Adds a waiter at the back, without a permit; `since` is the time of its `call()`, if
-    /// it was taken (with `metrics`, the clock is read here when it was not). Returns its
-    /// ticket.
-    pub(super) fn push(&mut self, since: CalledAt) -> u64 {
+    /// Adds a waiter at the back, without a permit, and returns its ticket. Its wait is
+    /// timed from now, when anyone may want to know ([`trace::joined_at`]).
+    // PERF: layer_sync_live_key, hand_off_layer (registry Performance: the line's steps
+    // are inlined).
+    #[inline]
+    pub(super) fn push(&mut self) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         if self.waiting() == 0 {
@@ -110,7 +112,7 @@ impl Line {
             ticket,
             status: Status::Waiting,
             waker: None,
-            since: since.or_now(),
+            since: trace::joined_at(),
         });
         ticket
     }
@@ -118,6 +120,9 @@ impl Line {
     /// Gives a free permit (`holders < permits`) to the front waiter, unless a waiter
     /// holds one already. The caller checks that no earlier claim is unstarted: a permit
     /// goes only to a waiter that may start (invariant 3).
+    // PERF: layer_sync_live_key, hand_off_layer (registry Performance: the line's steps
+    // are inlined).
+    #[inline]
     pub(super) fn grant_front(&mut self, holders: &mut u32, permits: u32) {
         if *holders < permits && self.granted == 0 {
             if let Some(front) = self.waiters.front_mut() {
@@ -143,6 +148,9 @@ impl Line {
     /// Polls the waiter with `ticket`. It leaves the line if it is the front one, holds a
     /// permit and no earlier claim is unstarted; otherwise it keeps a waker for the
     /// current task, taking it from `fresh`, a clone the caller made before locking.
+    // PERF: layer_sync_live_key, hand_off_layer (registry Performance: the line's steps
+    // are inlined).
+    #[inline]
     pub(super) fn poll(
         &mut self,
         ticket: u64,
@@ -252,6 +260,16 @@ impl Line {
         if self.waiting() == 0 {
             return;
         }
+        // Usually the waiter right behind: only gone waiters can lie between the two.
+        // PERF: hand_off_layer (registry Performance: rare work out of line).
+        match self.waiters.get(index) {
+            Some(next) if next.status == Status::Waiting => self.first_waiting = next.ticket,
+            _ => self.find_first_waiting(index),
+        }
+    }
+
+    #[inline(never)]
+    fn find_first_waiting(&mut self, index: usize) {
         if let Some(next) = self
             .waiters
             .range(index..)

@@ -15,7 +15,6 @@ use super::line::{Line, Polled};
 use super::settings::Settings;
 use crate::error::{Limit, Overloaded};
 use crate::sync::{Arc, AtomicUsize, Ordering};
-use crate::trace::CalledAt;
 
 /// Table capacity a shard keeps, whatever happens: enough for the few keys a shard holds
 /// at a time under light traffic, so that they come and go without reallocating.
@@ -213,7 +212,6 @@ impl<K> Shard<K> {
         settings: &Settings,
         hash: u64,
         key: K,
-        since: CalledAt,
     ) -> (Result<Place, Overloaded>, Option<K>)
     where
         K: Eq,
@@ -222,7 +220,7 @@ impl<K> Shard<K> {
         // insertion below is not a change any claim owns.
         if let Some((state, bucket)) = self.keys.find(hash, |state| state.key == key) {
             let place = state
-                .join(settings, &mut self.spare_lines, since)
+                .join(settings, &mut self.spare_lines)
                 .map(|position| Place {
                     id: state.id,
                     bucket,
@@ -493,6 +491,9 @@ impl<K> Shard<K> {
         }
     }
 
+    // PERF: layer_sync_live_key, hand_off_layer (registry Performance: the line's steps are
+    // inlined).
+    #[inline]
     fn state_mut(&mut self, hash: u64, id: u64, bucket: &mut u32) -> &mut KeyState<K> {
         self.keys.get_mut(hash, id, bucket)
     }
@@ -521,7 +522,6 @@ impl<K> KeyState<K> {
         &mut self,
         settings: &Settings,
         spare_lines: &mut Vec<Box<Line>>,
-        since: CalledAt,
     ) -> Result<Position, Overloaded> {
         let (line_empty, waiting) = self
             .line
@@ -540,7 +540,7 @@ impl<K> KeyState<K> {
         let line = self
             .line
             .get_or_insert_with(|| spare_lines.pop().unwrap_or_default());
-        let ticket = line.push(since);
+        let ticket = line.push();
         Ok(Position::Waiting {
             ticket,
             depth: line.waiting(),

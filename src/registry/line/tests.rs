@@ -7,7 +7,6 @@ use std::task::Waker;
 
 use super::{Line, Polled, RETAINED_WAITERS, Status};
 use crate::registry::testing::{Rng, Task};
-use crate::trace::called_at;
 
 impl Line {
     /// Waiter slots allocated, live, gone or free.
@@ -239,7 +238,7 @@ fn step(
         if model.line.len() >= MAX_QUEUE {
             return "claim rejected".into();
         }
-        let ticket = line.push(called_at());
+        let ticket = line.push();
         if let Some(last) = model.last_ticket {
             assert!(ticket > last, "push: ticket {ticket} after {last}");
         }
@@ -513,7 +512,7 @@ fn memory_follows_the_live_waiters() {
     const WAITERS: u64 = 10_000;
     for (order, leaving) in leaving_orders(WAITERS) {
         let mut line = Line::default();
-        let tickets: Vec<u64> = (0..WAITERS).map(|_| line.push(called_at())).collect();
+        let tickets: Vec<u64> = (0..WAITERS).map(|_| line.push()).collect();
         assert!(line.capacity() >= WAITERS as usize);
         for (left, &ticket) in leaving.iter().enumerate() {
             let (granted, waker) = line.leave(ticket);
@@ -543,7 +542,7 @@ fn memory_follows_the_live_waiters() {
 #[test]
 fn a_recycled_line_keeps_its_retained_slots_and_no_more() {
     let mut line = Line::default();
-    let tickets: Vec<u64> = (0..1_000).map(|_| line.push(called_at())).collect();
+    let tickets: Vec<u64> = (0..1_000).map(|_| line.push()).collect();
     take_turns_in_order(&mut line, &tickets, None);
     assert_eq!(line.capacity(), RETAINED_WAITERS, "after the burst drained");
     line.recycle();
@@ -562,13 +561,11 @@ fn a_recycled_line_keeps_its_retained_slots_and_no_more() {
 
     // A few waiters at a time: the retained slots stay, so the next key's waiters do not
     // allocate, and the recycled line serves them in order.
-    let tickets: Vec<u64> = (0..RETAINED_WAITERS)
-        .map(|_| line.push(called_at()))
-        .collect();
+    let tickets: Vec<u64> = (0..RETAINED_WAITERS).map(|_| line.push()).collect();
     take_turns_in_order(&mut line, &tickets, None);
     line.recycle();
     assert_eq!(line.capacity(), RETAINED_WAITERS);
-    let tickets: Vec<u64> = (0..3).map(|_| line.push(called_at())).collect();
+    let tickets: Vec<u64> = (0..3).map(|_| line.push()).collect();
     assert_eq!(line.capacity(), RETAINED_WAITERS);
     take_turns_in_order(&mut line, &tickets, None);
 }
@@ -577,7 +574,7 @@ fn a_recycled_line_keeps_its_retained_slots_and_no_more() {
 fn tickets_find_their_waiters_after_compaction() {
     let mut line = Line::default();
     let mut wakers = Wakers::default();
-    let tickets: Vec<u64> = (0..1_000).map(|_| line.push(called_at())).collect();
+    let tickets: Vec<u64> = (0..1_000).map(|_| line.push()).collect();
     // Two of every three leave, the front one stays: gone waiters come to outnumber the
     // live ones behind a live front, and the line is compacted. Leaving every second one
     // would never compact, so no lookup would need the binary search.
@@ -631,7 +628,7 @@ fn a_granted_front_waits_while_an_earlier_claim_is_unstarted() {
     // The shard never grants a permit while a claim is the unstarted head (invariant 2 of
     // the registry), so the randomized run never meets this; `poll` promises it anyway.
     let mut line = Line::default();
-    let ticket = line.push(called_at());
+    let ticket = line.push();
     let mut holders = 1;
     line.grant_front(&mut holders, 2);
     assert_eq!(holders, 2);

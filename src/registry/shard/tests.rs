@@ -15,7 +15,6 @@ use crate::registry::keys::INLINE_KEYS;
 use crate::registry::line::{Line, Polled};
 use crate::registry::settings::{Settings, UNBOUNDED};
 use crate::registry::testing::{Rng, Task};
-use crate::trace::called_at;
 
 impl<K> Shard<K> {
     /// The entry `(hash, id)`, if it is live.
@@ -326,9 +325,7 @@ impl Run {
         self.next_serial += 1;
         let counts = self.shard.counts();
         let live = self.keys[key].is_live();
-        let (placed, spare) =
-            self.shard
-                .claim(&self.settings, HASHES[key], key as u64, called_at());
+        let (placed, spare) = self.shard.claim(&self.settings, HASHES[key], key as u64);
         if !live {
             if self.live_keys() >= self.settings.max_keys {
                 let rejected = placed.expect_err("a key beyond max_keys is rejected");
@@ -754,7 +751,7 @@ struct Held {
 }
 
 fn claim(shard: &mut Shard<u64>, settings: &Settings, key: u64) -> Held {
-    let (placed, _spare) = shard.claim(settings, hash_of(key), key, called_at());
+    let (placed, _spare) = shard.claim(settings, hash_of(key), key);
     let place = placed.expect("no limit is set");
     let ticket = match place.position {
         Position::Head => None,
@@ -970,7 +967,7 @@ fn the_uncontended_release_removes_the_entry_and_hands_the_key_back() {
     let mut shard = Shard::new(Some(Arc::clone(&budget)), false);
     let tasks = Tasks::default();
     for round in 0..3 {
-        let (placed, spare) = shard.claim(&settings, hash_of(7), 7, called_at());
+        let (placed, spare) = shard.claim(&settings, hash_of(7), 7);
         let mut place = placed.expect("the key budget is free again");
         assert!(matches!(place.position, Position::Head), "round {round}");
         assert_eq!(spare, None);
@@ -1001,7 +998,7 @@ fn the_uncontended_release_removes_the_entry_and_hands_the_key_back() {
     // waited for the first one's start, so the key has a line, empty by then: the last
     // release takes the general path, and must remove the entry all the same.
     let mut first = claim(&mut shard, &settings, 7);
-    let (placed, spare) = shard.claim(&settings, hash_of(7), 7, called_at());
+    let (placed, spare) = shard.claim(&settings, hash_of(7), 7);
     assert_eq!(spare, Some(7), "the shard keeps the first key");
     let mut second = placed.expect("a second permit");
     assert!(matches!(second.position, Position::Waiting { .. }));
