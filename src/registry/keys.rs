@@ -34,7 +34,8 @@ pub(super) trait Entry {
     fn id(&self) -> u64;
 }
 
-/// The live keys of one shard.
+/// The live keys of one shard; the slots first (see `Shard`'s layout).
+#[repr(C)]
 pub(super) struct Keys<T> {
     slots: [Option<T>; INLINE_KEYS],
     table: HashTable<T>,

@@ -31,12 +31,19 @@ const DEMAND_DECAY_SHIFT: u32 = 6;
 const DEMAND_ONE: u32 = 256;
 
 /// The state of every live key that hashes to this shard.
+///
+/// In a fixed order: the id counter and the first of the key slots come right after the
+/// lock, in its cache line, so that a request on a key of an otherwise idle shard writes
+/// that line and no other of the shard's.
+// PERF: two_workers, random keys, foldhash (registry Performance: the lines a request
+// writes).
+#[repr(C)]
 pub(super) struct Shard<K> {
-    keys: Keys<KeyState<K>>,
     /// Identifies a key's entry for the lifetime of that entry. A claim finds its entry
     /// again by `(hash, id)`, so releasing never compares keys, and a claim can never
     /// touch a later entry for the same key.
     next_id: u64,
+    keys: Keys<KeyState<K>>,
     /// The recent peak of live keys, decaying with each removal (in `DEMAND_ONE`ths).
     /// The table shrinks only when it is far larger than this, so that a steady load that
     /// swings between a few and a few dozen keys does not reallocate back and forth.

@@ -1105,3 +1105,27 @@ fn the_release_of_a_lone_claim_removes_only_its_own_idle_entry() {
     }
     assert_eq!(shard.counts(), (0, 0, 0));
 }
+
+#[test]
+fn an_uncontended_request_writes_the_lock_line_of_its_shard_and_no_other() {
+    let registry = crate::registry::Registry::<u64, _>::new(std::hash::RandomState::new());
+    for cell in registry.shards() {
+        let start = Arc::as_ptr(cell) as usize;
+        assert_eq!(start % 128, 0, "a shard starts a pair of cache lines");
+        let line = start..start + 64;
+        // The lock is in the mutex's first bytes, before the shard it guards.
+        let shard = cell.shard.data_ptr() as usize;
+        assert_eq!(shard - start, 8, "the lock, then the shard");
+        let shard = cell.lock();
+        // What a request on a key of an idle shard writes: the id counter and the first
+        // slot, beside the lock.
+        let next_id = &raw const shard.next_id as usize;
+        let first_slot = &raw const shard.keys as usize;
+        let slot_end = first_slot + size_of::<Option<KeyState<u64>>>();
+        assert!(line.contains(&next_id), "the id counter");
+        assert!(
+            line.contains(&first_slot) && slot_end <= line.end,
+            "the first slot"
+        );
+    }
+}
